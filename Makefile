@@ -1,0 +1,50 @@
+# researchlab: `make demo` runs the main job, `make test` checks and tests everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export JAX_PLATFORMS ?= cpu
+export MPLBACKEND ?= Agg
+
+.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/rlab demo
+
+test: check nbtest pytest
+
+check: install sync-check lint
+
+sync-check: install
+	@bash tools/check_sync.sh
+
+readme: install
+	$(BIN)/python tools/readme.py > README.md
+
+lint: install
+	$(BIN)/ruff check researchlab tests bench tools nbs
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: install
+	@$(BIN)/python -m pytest -q --timeout=900 tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treated as a failure"; fi; exit $$rc
+
+lab: install
+	$(BIN)/jupyter lab nbs
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) _proc _docs .pytest_cache .hypothesis

@@ -1,0 +1,10 @@
+"""researchlab: a Jupyter-first workbench for ML and RL research in JAX.
+
+The public names of every module are re-exported here (`from researchlab import Config, Loop, ...`).
+This file is written by hand; nbdev leaves it alone.
+"""
+
+__version__ = "0.0.1"
+
+from researchlab.design.core import *  # noqa: E402
+from researchlab.design.utils import *  # noqa: E402
