@@ -8,5 +8,6 @@ __version__ = "0.0.1"
 
 from researchlab.design.core import *  # noqa: E402
 from researchlab.design.utils import *  # noqa: E402
+from researchlab.rl import *  # noqa: E402
 from researchlab.ppo import *  # noqa: E402
 from researchlab.cartpole_render import *  # noqa: E402
