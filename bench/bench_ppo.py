@@ -16,8 +16,8 @@ import argparse
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import flax.linen as nn
