@@ -4,5 +4,8 @@ Written by hand (nbdev leaves it alone): every public name of the `researchlab.r
 """
 
 from researchlab.rl.advantages import *  # noqa: E402
+from researchlab.rl.algorithms import *  # noqa: E402
 from researchlab.rl.kl import *  # noqa: E402
 from researchlab.rl.losses import *  # noqa: E402
+from researchlab.rl.reference import *  # noqa: E402
+from researchlab.rl.rewards import *  # noqa: E402
