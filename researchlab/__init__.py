@@ -6,8 +6,9 @@ This file is written by hand; nbdev leaves it alone.
 
 __version__ = "0.0.1"
 
+from researchlab.cartpole_render import *  # noqa: E402
 from researchlab.design.core import *  # noqa: E402
 from researchlab.design.utils import *  # noqa: E402
-from researchlab.rl import *  # noqa: E402
+from researchlab.grpo_tiny import *  # noqa: E402
 from researchlab.ppo import *  # noqa: E402
-from researchlab.cartpole_render import *  # noqa: E402
+from researchlab.rl import *  # noqa: E402
