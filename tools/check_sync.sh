@@ -2,7 +2,7 @@
 # Fail when nbdev_export or nbdev_clean would change a tracked file (or add an untracked module),
 # or when README.md differs from what nbs/index.ipynb produces.
 set -uo pipefail
-BIN=.venv/bin
+BIN=${BIN:-.venv/bin}
 snapshot() { git status --porcelain --untracked-files=all -- researchlab nbs README.md; git diff --no-color | sha1sum; }
 before=$(snapshot)
 "$BIN/nbdev_export" || { echo "nbdev_export failed"; exit 1; }
