@@ -11,3 +11,4 @@ from researchlab.design.infra import *  # noqa: E402
 from researchlab.design.utils import *  # noqa: E402
 from researchlab.design.visualizer import *  # noqa: E402
 from researchlab.design.loop import *  # noqa: E402
+from researchlab.rl import *  # noqa: E402
