@@ -9,6 +9,7 @@ __version__ = "0.0.1"
 from researchlab.cartpole_render import *  # noqa: E402
 from researchlab.design.core import *  # noqa: E402
 from researchlab.design.infra import *  # noqa: E402
+from researchlab.design.loop import *  # noqa: E402
 from researchlab.design.utils import *  # noqa: E402
 from researchlab.design.visualizer import *  # noqa: E402
 from researchlab.grpo_tiny import *  # noqa: E402
