@@ -304,3 +304,15 @@ def test_remote_of_the_branch_upstream_is_preferred(tmp_path: Path) -> None:
     assert get_git_state(repo)["remote_url"] == "git@github.com:me/fork.git"
     git(repo, "config", "branch.main.remote", "upstream")
     assert get_git_state(repo)["remote_url"] == "ssh://git@example.org/lab/repo.git"
+
+
+def test_racily_clean_edit_is_seen(tmp_path: Path) -> None:
+    "A same-size edit that keeps the old mtime (a racily clean entry) still enters the patch."
+    repo = make_repo(tmp_path / "repo", {"a.txt": "lr = 1e-3\n"})
+    git(repo, "config", "core.trustctime", "false")
+    st = (repo / "a.txt").stat()
+    os.utime(repo / ".git/index", ns=(st.st_mtime_ns, st.st_mtime_ns))  # index written in the same instant
+    (repo / "a.txt").write_text("lr = 3e-4\n")
+    os.utime(repo / "a.txt", ns=(st.st_mtime_ns, st.st_mtime_ns))
+    state, clone = checked_state(repo, tmp_path)
+    assert "+lr = 3e-4" in state["patch"] and (clone / "a.txt").read_text() == "lr = 3e-4\n"
