@@ -29,7 +29,7 @@ import optax
 from flax.linen.initializers import constant, orthogonal
 from flax.training.train_state import TrainState
 
-from researchlab.cartpole_render import _render_frames, write_mp4
+from researchlab.cartpole_render import CartPoleVisualizer, _render_frames
 from researchlab.ppo import PPOConfig, init_ppo, ppo_step, rollout_episode
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,18 +209,20 @@ def interleaved_best(runs: dict[str, Callable[[], np.ndarray]], repeats: int) ->
 
 
 def bench_video(cfg: PPOConfig) -> tuple[float, float, float]:
-    "(render s, encode s, matplotlib fps) for a 500-frame rollout at 320x480."
+    "(render-only s, render + encode s, matplotlib fps) for a 500-frame rollout at 320x480."
     env, env_params = gymnax.make(cfg.env_name)
     states, _, _ = jax.jit(rollout_episode, static_argnames=("config", "max_steps"))(
         init_ppo(cfg).model, cfg, jax.random.key(0), max_steps=500)
     jax.block_until_ready(_render_frames(states))  # compile once
     t0 = time.perf_counter()
-    frames = jax.block_until_ready(_render_frames(states))
+    jax.block_until_ready(_render_frames(states))
     render_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        write_mp4(frames, Path(d) / "ep.mp4")
-        encode_s = time.perf_counter() - t0
+        vis = CartPoleVisualizer(record=True, path=Path(d) / "ep.mp4")  # the path record_episode takes
+        vis.render_batch(states)
+        vis.video()
+        total_s = time.perf_counter() - t0  # end to end: render + validate + encode, as record_episode does
     # reference: drawing each frame with matplotlib (what gymnax's Visualizer does), 25 frames
     import matplotlib
 
@@ -240,7 +242,7 @@ def bench_video(cfg: PPOConfig) -> tuple[float, float, float]:
         np.asarray(fig.canvas.buffer_rgba())
     mpl_fps = 25 / (time.perf_counter() - t0)
     plt.close(fig)
-    return render_s, encode_s, mpl_fps
+    return render_s, total_s, mpl_fps
 
 
 def bench_seeds(cfg: PPOConfig, seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[tuple[int, float, float]]:
@@ -281,9 +283,8 @@ def main(argv: list[str]) -> int:
     if o_sps < b_sps:
         failures.append("throughput")
 
-    render_s, encode_s, mpl_fps = bench_video(cfg)
-    total = render_s + encode_s
-    print(f"video 500 frames 320x480: render {render_s:.2f} s + encode {encode_s:.2f} s = {total:.2f} s "
+    render_s, total, mpl_fps = bench_video(cfg)
+    print(f"video 500 frames 320x480: render + encode {total:.2f} s (render alone {render_s:.2f} s) "
           f"({500 / total:.0f} fps; matplotlib per-frame drawing: {mpl_fps:.0f} fps, ratio {500 / total / mpl_fps:.1f}x) "
           f"(target <= 2 s)")
     if total > 2.0:
