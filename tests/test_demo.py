@@ -53,32 +53,6 @@ def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
-def test_demo_small_run_is_tracked(project: Path):
-    res = _rlab(project, "demo", "total_steps=8192", "log_every=2", "save_every=8", "seed=3")
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = res.stdout
-    run_id = re.search(r"run id:\s+(\S+)", out).group(1)
-    assert re.search(r"final return:\s+[\d.]+", out), out
-    video = re.search(r"video:\s+(\S+)", out).group(1)
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
-    assert (project / video).stat().st_size > 1000
-    assert (project / "runs" / run_id / "checkpoints" / "ckpt_0000000016.eqx").is_file()
-
-    client, runs = _runs(project)
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["rlab.run_id"] == run_id
-    assert run.data.params["seed"] == "3" and run.data.params["total_steps"] == "8192"
-    history = client.get_metric_history(run.info.run_id, "episode_return")
-    assert [m.step for m in history] == [2, 4, 6, 8, 10, 12, 14, 16]
-    assert "eval_episode_length" in run.data.metrics
-    arts = _artifacts(client, run.info.run_id)
-    assert {"git.patch", "config.yaml", "videos/episode.mp4"} <= set(arts), arts
-    patch = Path(client.download_artifacts(run.info.run_id, "git.patch", str(project / "dl"))).read_text()
-    assert "hello, changed" in patch
-
-
 def test_demo_bad_arguments(project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     from researchlab.cli import main
 
@@ -98,10 +72,10 @@ def test_demo_bad_arguments(project: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert not (project / "runs").exists() and not (project / "mlflow.db").exists()
 
 
-def test_demo_ctrl_c_then_resume(project: Path):
-    proc = subprocess.Popen([sys.executable, "-m", "researchlab.cli", "demo", "save_every=5", "log_every=5",
-                             "video=false"], cwd=project, env=_env(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+def test_demo_ctrl_c_then_resume_is_tracked(project: Path):
+    "Ctrl-C leaves a checkpoint and a KILLED run; --resume finishes it: params, metrics, patch, config, video."
+    proc = subprocess.Popen([sys.executable, "-m", "researchlab.cli", "demo", "seed=3", "save_every=5", "log_every=5"],
+                            cwd=project, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if list(project.glob("runs/*/checkpoints/ckpt_*.eqx")):
@@ -116,14 +90,29 @@ def test_demo_ctrl_c_then_resume(project: Path):
     assert 5 <= stopped_at < 976
     assert (project / "runs" / run_id / "checkpoints" / f"ckpt_{stopped_at:010d}.eqx").is_file()
     client, runs = _runs(project)
-    assert runs[0].info.status == "KILLED"
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
 
-    res = _rlab(project, "demo", "--resume", run_id, "video=false")
+    res = _rlab(project, "demo", "--resume", run_id)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"run id:       {run_id}" in res.stdout
-    assert "after 976 updates" in res.stdout
+    out = res.stdout
+    assert f"run id:       {run_id}" in out and "after 976 updates" in out, out
+    assert re.search(r"final return:\s+[\d.]+", out), out
+    video = re.search(r"video:\s+(\S+)", out).group(1)
+    assert (project / video).stat().st_size > 1000
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+    assert (project / "runs" / run_id / "checkpoints" / "ckpt_0000000976.eqx").is_file()
+
     client, runs = _runs(project)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "env_steps")]
-    assert steps == sorted(steps) and steps[-1] == 970  # log_every=5: the last logged update of 976
-    assert any(s <= stopped_at for s in steps) and len(steps) == 976 // 5
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["rlab.run_id"] == run_id
+    assert run.data.params["seed"] == "3" and run.data.params["total_steps"] == "500000"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "env_steps")]
+    assert steps == list(range(5, 976, 5))  # before and after the interruption, each update once
+    assert "episode_return" in run.data.metrics and "eval_episode_length" in run.data.metrics
+    arts = _artifacts(client, run.info.run_id)
+    assert {"git.patch", "config.yaml", "videos/episode.mp4"} <= set(arts), arts
+    patch = Path(client.download_artifacts(run.info.run_id, "git.patch", str(project / "dl"))).read_text()
+    assert "hello, changed" in patch
+    config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(project / "dl"))).read_text()
+    assert "total_steps: 500000" in config
