@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -48,6 +49,12 @@ loop = Loop(Reg(), RegState(w=jnp.zeros(3), clock=Clock()), sgd_step, provider, 
             callbacks=[Callback(1, lambda lp: time.sleep(0.01))])
 """
 
+LONG_RUN = """
+loop.progress = True
+state = loop.run(1_000_000)  # stopped by Kernel > Interrupt
+print(f"returned at {loop.step_count} with clock {int(state.clock.step)}")
+"""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -62,7 +69,8 @@ def lab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     root, conf = tmp_path / "root", tmp_path / "jupyter"
     root.mkdir()
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(SETUP),
-                                         nbformat.v4.new_code_cell('loop.widget(metrics=["loss"], num_steps=40)')])
+                                         nbformat.v4.new_code_cell('loop.widget(metrics=["loss"], num_steps=40)'),
+                                         nbformat.v4.new_code_cell(LONG_RUN)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nbformat.write(nb, root / "loop.ipynb")
     settings = conf / "settings" / "@jupyterlab" / "apputils-extension"
@@ -118,13 +126,27 @@ def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> N
             expect(page.locator("button.step-button")).to_be_visible(timeout=90_000)
             expect(counter).to_have_value("0")
 
+            # Jupyter's interrupt stops the long run after a step; the cell goes on and prints
+            expect(page.locator(".jp-OutputArea-output .progress")).to_be_visible(timeout=60_000)  # tqdm.auto bar
+            page.wait_for_timeout(1500)
+            page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").click()
+            page.locator('li.lm-Menu-item[data-command="kernelmenu:interrupt"]').click()
+            out = page.locator(".jp-OutputArea-output", has_text="returned at")
+            expect(out).to_be_visible(timeout=60_000)
+            expect(page.locator(".jp-OutputArea-output", has_text="Loop: stopped at step")).to_be_visible()
+            found = re.search(r"returned at (\d+) with clock (\d+)", out.inner_text())
+            assert found and found.group(1) == found.group(2), out.inner_text()
+            stopped = int(found.group(1))
+            assert 0 < stopped < 1_000_000
+            expect(page.locator(".jp-StatusBar-TextItem", has_text="(ipykernel) | Idle")).to_be_visible(timeout=30_000)
+
             page.locator("button.step-button").click()
-            expect(counter).to_have_value("1", timeout=60_000)
+            expect(counter).to_have_value(str(stopped + 1), timeout=60_000)
             expect(page.locator(".loop-status")).to_contain_text("loss=")
 
             page.locator("button.run-button").click()  # N = 40
-            expect(page.locator(".loop-status")).to_contain_text("done at step 41", timeout=60_000)
-            expect(counter).to_have_value("41")
+            expect(page.locator(".loop-status")).to_contain_text(f"done at step {stopped + 41}", timeout=60_000)
+            expect(counter).to_have_value(str(stopped + 41))
             assert page.locator("img.loop-plot").evaluate("img => img.naturalWidth") > 0
 
             page.locator(".run-steps input").fill("100000")
@@ -134,8 +156,8 @@ def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> N
             page.wait_for_timeout(1500)
             page.locator("button.stop-button").click()
             expect(page.locator(".loop-status")).to_contain_text("paused at step", timeout=60_000)
-            stopped = int(counter.input_value())
-            assert 41 < stopped < 100_041
+            paused = int(counter.input_value())
+            assert stopped + 41 < paused < stopped + 100_041
             expect(page.locator("button.run-button")).to_be_enabled()
         finally:
             browser.close()
