@@ -499,6 +499,11 @@ def test_bad_constructor_arguments(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="data_provider must have get_batch"):
         Loop(Cfg(), s, train_step, [1, 2])
 
+    done = new_loop(checkpoint_dir=tmp_path / "run")
+    done.run(3)
+    with pytest.raises(ValueError, match="already holds checkpoints up to step 3, past this State's step 0"):
+        Loop(Cfg(), s, train_step, p, checkpoint_dir=tmp_path / "run")
+
     class Named(State):
         clock: Clock
         name: str
