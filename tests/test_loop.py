@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -431,9 +432,8 @@ def _unchanged(loop: Loop, ref: list[np.ndarray], step: int) -> None:
                              clock=s.clock), {}), TypeError, r"state.params\['b1'\] from float32\[8\] to bfloat16\[8\]"),
 ])
 def test_bad_kernel_output_is_named_and_state_unchanged(kernel: object, exc: type, match: str) -> None:
-    good = new_loop()
-    good.run(2)
-    loop = Loop(Cfg(), good.state, kernel, make_provider(), progress=False)
+    at_2 = eqx.tree_at(lambda s: s.clock.step, make_state(Cfg()), jnp.asarray(2, jnp.int32))
+    loop = Loop(Cfg(), at_2, kernel, make_provider(), progress=False)
     ref = leaves_of(loop.state)
     with pytest.raises(exc, match=match):
         loop.run(3)
@@ -462,6 +462,12 @@ def test_structure_change_only_on_some_steps_is_caught_by_retrace() -> None:
     assert loop.step_count == 2
 
 
+@pytest.fixture(scope="module")
+def shared_loop() -> Loop:
+    "One compiled Loop for tests that only need a working one."
+    return new_loop()
+
+
 @pytest.mark.parametrize("n, exc, match", [
     (-1, ValueError, "num_steps must be >= 0, got -1"),
     (2.0, TypeError, "must be an int, got float 2.0"),
@@ -469,17 +475,17 @@ def test_structure_change_only_on_some_steps_is_caught_by_retrace() -> None:
     (True, TypeError, "got bool True"),
     (None, TypeError, "got NoneType"),
 ])
-def test_bad_num_steps(n: object, exc: type, match: str) -> None:
-    loop = new_loop()
+def test_bad_num_steps(shared_loop: Loop, n: object, exc: type, match: str) -> None:
+    loop = shared_loop
     loop.run(1)
-    ref = leaves_of(loop.state)
+    ref, step = leaves_of(loop.state), loop.step_count
     with pytest.raises(exc, match=match):
         loop.run(n)
     with pytest.raises(exc, match=match):
         list(loop.steps(n))
-    _unchanged(loop, ref, 1)
+    _unchanged(loop, ref, step)
     loop.run(np.int64(2))
-    assert loop.step_count == 3
+    assert loop.step_count == step + 2
 
 
 def test_bad_constructor_arguments(tmp_path: Path) -> None:
