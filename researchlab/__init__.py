@@ -8,5 +8,6 @@ __version__ = "0.0.1"
 
 from researchlab.design.core import *  # noqa: E402
 from researchlab.design.utils import *  # noqa: E402
-from researchlab.tracking.utils import *  # noqa: E402
+from researchlab.tracking.magic import load_ipython_extension  # noqa: E402, F401
 from researchlab.tracking.tracker import *  # noqa: E402
+from researchlab.tracking.utils import *  # noqa: E402
