@@ -12,3 +12,6 @@ from researchlab.design.utils import *  # noqa: E402
 from researchlab.design.visualizer import *  # noqa: E402
 from researchlab.design.loop import *  # noqa: E402
 from researchlab.rl import *  # noqa: E402
+from researchlab.tracking.magic import load_ipython_extension  # noqa: E402, F401
+from researchlab.tracking.tracker import *  # noqa: E402
+from researchlab.tracking.utils import *  # noqa: E402
