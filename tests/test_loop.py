@@ -580,3 +580,21 @@ def test_widget_buttons_drive_the_same_loop() -> None:
         time.sleep(0.05)
     assert 31 < loop.step_count < 10_031 and "paused" in status.value
     assert threading.active_count() >= 1
+
+
+# ---- with the real MLflow telemetry -------------------------------------------------------------
+def test_loop_metrics_and_config_reach_mlflow(sqlite_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    from researchlab import MLFlowTelemetry
+
+    tel = MLFlowTelemetry(tracking_uri=sqlite_uri, experiment="loop-test", interval=0.1)
+    loop = new_loop(telemetry=tel, log_every=5)
+    loop.run(12)
+    loop.run(8)  # the end of each run flushes: everything logged so far is in MLflow
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    history = client.get_metric_history(tel.run_id, "loss")
+    assert [m.step for m in history] == [5, 10, 15, 20]
+    np.testing.assert_allclose([m.value for m in history], loop.metric("loss")[1], rtol=1e-6)
+    assert client.get_run(tel.run_id).data.params["lr"] == "0.01"
+    loop.close()
