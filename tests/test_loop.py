@@ -396,6 +396,19 @@ def test_sigint_stops_after_current_step() -> None:
         time.sleep(0.1)
 
 
+def test_failing_telemetry_releases_the_loop() -> None:
+    class Refuses(ListTelemetry):
+        def log_params(self, params: object) -> None:
+            raise ValueError("param 'lr' was already logged as '0.1'")
+
+    loop = new_loop(telemetry=Refuses())
+    with pytest.raises(ValueError, match="already logged"):
+        loop.run(2)
+    loop.log_config = False
+    loop.run(2)
+    assert loop.step_count == 2
+
+
 def test_other_errors_propagate_and_release_the_loop() -> None:
     provider = HostProvider(make_data(), fail_at=3, exc=RuntimeError)
     loop = new_loop(provider=provider)
