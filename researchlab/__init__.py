@@ -15,5 +15,6 @@ from researchlab.design.visualizer import *  # noqa: E402
 from researchlab.grpo_tiny import *  # noqa: E402
 from researchlab.ppo import *  # noqa: E402
 from researchlab.rl import *  # noqa: E402
+from researchlab.tracking.magic import load_ipython_extension  # noqa: E402, F401
 from researchlab.tracking.tracker import *  # noqa: E402
 from researchlab.tracking.utils import *  # noqa: E402

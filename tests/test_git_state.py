@@ -316,3 +316,27 @@ def test_racily_clean_edit_is_seen(tmp_path: Path) -> None:
     os.utime(repo / "a.txt", ns=(st.st_mtime_ns, st.st_mtime_ns))
     state, clone = checked_state(repo, tmp_path)
     assert "+lr = 3e-4" in state["patch"] and (clone / "a.txt").read_text() == "lr = 3e-4\n"
+
+
+def test_untracked_but_committed_file(tmp_path: Path) -> None:
+    "`git rm --cached`: the file is in HEAD, gone from the index, still on disk (untracked)."
+    repo = make_repo(tmp_path / "repo", {"keep.txt": "k\n", "config.yaml": "lr: 1\n"})
+    git(repo, "rm", "-q", "--cached", "config.yaml")
+    write(repo, {"config.yaml": "lr: 2\n"})
+    state, clone = checked_state(repo, tmp_path)
+    assert (clone / "config.yaml").read_text() == "lr: 2\n"
+
+
+def test_merge_conflict_in_progress(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", {"a.txt": "base\n"})
+    git(repo, "checkout", "-q", "-b", "other")
+    write(repo, {"a.txt": "other\n"})
+    git(repo, "commit", "-qam", "other")
+    git(repo, "checkout", "-q", "main")
+    write(repo, {"a.txt": "mine\n"})
+    git(repo, "commit", "-qam", "mine")
+    r = subprocess.run(["git", "merge", "-q", "other"], cwd=repo, capture_output=True)
+    assert r.returncode != 0  # conflicted: the index holds stages 1-3
+    assert b" 1\ta.txt" in git(repo, "ls-files", "--stage")
+    state, clone = checked_state(repo, tmp_path)
+    assert "<<<<<<<" in (clone / "a.txt").read_text()

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -395,6 +396,19 @@ def test_sigint_stops_after_current_step() -> None:
         time.sleep(0.1)
 
 
+def test_failing_telemetry_releases_the_loop() -> None:
+    class Refuses(ListTelemetry):
+        def log_params(self, params: object) -> None:
+            raise ValueError("param 'lr' was already logged as '0.1'")
+
+    loop = new_loop(telemetry=Refuses())
+    with pytest.raises(ValueError, match="already logged"):
+        loop.run(2)
+    loop.log_config = False
+    loop.run(2)
+    assert loop.step_count == 2
+
+
 def test_other_errors_propagate_and_release_the_loop() -> None:
     provider = HostProvider(make_data(), fail_at=3, exc=RuntimeError)
     loop = new_loop(provider=provider)
@@ -431,9 +445,8 @@ def _unchanged(loop: Loop, ref: list[np.ndarray], step: int) -> None:
                              clock=s.clock), {}), TypeError, r"state.params\['b1'\] from float32\[8\] to bfloat16\[8\]"),
 ])
 def test_bad_kernel_output_is_named_and_state_unchanged(kernel: object, exc: type, match: str) -> None:
-    good = new_loop()
-    good.run(2)
-    loop = Loop(Cfg(), good.state, kernel, make_provider(), progress=False)
+    at_2 = eqx.tree_at(lambda s: s.clock.step, make_state(Cfg()), jnp.asarray(2, jnp.int32))
+    loop = Loop(Cfg(), at_2, kernel, make_provider(), progress=False)
     ref = leaves_of(loop.state)
     with pytest.raises(exc, match=match):
         loop.run(3)
@@ -462,6 +475,12 @@ def test_structure_change_only_on_some_steps_is_caught_by_retrace() -> None:
     assert loop.step_count == 2
 
 
+@pytest.fixture(scope="module")
+def shared_loop() -> Loop:
+    "One compiled Loop for tests that only need a working one."
+    return new_loop()
+
+
 @pytest.mark.parametrize("n, exc, match", [
     (-1, ValueError, "num_steps must be >= 0, got -1"),
     (2.0, TypeError, "must be an int, got float 2.0"),
@@ -469,17 +488,17 @@ def test_structure_change_only_on_some_steps_is_caught_by_retrace() -> None:
     (True, TypeError, "got bool True"),
     (None, TypeError, "got NoneType"),
 ])
-def test_bad_num_steps(n: object, exc: type, match: str) -> None:
-    loop = new_loop()
+def test_bad_num_steps(shared_loop: Loop, n: object, exc: type, match: str) -> None:
+    loop = shared_loop
     loop.run(1)
-    ref = leaves_of(loop.state)
+    ref, step = leaves_of(loop.state), loop.step_count
     with pytest.raises(exc, match=match):
         loop.run(n)
     with pytest.raises(exc, match=match):
         list(loop.steps(n))
-    _unchanged(loop, ref, 1)
+    _unchanged(loop, ref, step)
     loop.run(np.int64(2))
-    assert loop.step_count == 3
+    assert loop.step_count == step + 2
 
 
 def test_bad_constructor_arguments(tmp_path: Path) -> None:
@@ -498,6 +517,11 @@ def test_bad_constructor_arguments(tmp_path: Path) -> None:
         Loop(Cfg(), s, "train", p)
     with pytest.raises(TypeError, match="data_provider must have get_batch"):
         Loop(Cfg(), s, train_step, [1, 2])
+
+    done = new_loop(checkpoint_dir=tmp_path / "run")
+    done.run(3)
+    with pytest.raises(ValueError, match="already holds checkpoints up to step 3, past this State's step 0"):
+        Loop(Cfg(), s, train_step, p, checkpoint_dir=tmp_path / "run")
 
     class Named(State):
         clock: Clock
@@ -569,3 +593,21 @@ def test_widget_buttons_drive_the_same_loop() -> None:
         time.sleep(0.05)
     assert 31 < loop.step_count < 10_031 and "paused" in status.value
     assert threading.active_count() >= 1
+
+
+# ---- with the real MLflow telemetry -------------------------------------------------------------
+def test_loop_metrics_and_config_reach_mlflow(sqlite_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    from researchlab import MLFlowTelemetry
+
+    tel = MLFlowTelemetry(tracking_uri=sqlite_uri, experiment="loop-test", interval=0.1)
+    loop = new_loop(telemetry=tel, log_every=5)
+    loop.run(12)
+    loop.run(8)  # the end of each run flushes: everything logged so far is in MLflow
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    history = client.get_metric_history(tel.run_id, "loss")
+    assert [m.step for m in history] == [5, 10, 15, 20]
+    np.testing.assert_allclose([m.value for m in history], loop.metric("loss")[1], rtol=1e-6)
+    assert client.get_run(tel.run_id).data.params["lr"] == "0.01"
+    loop.close()
