@@ -36,6 +36,7 @@ def test_ppo_cartpole_tutorial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     text = _text(nb)
     assert "stopped at 80" in text and "continued to 90" in text, text[-2000:]
     assert "resumed at step 90" in text
+    assert "FINISHED | params: 16" in text, text[-2000:]
     assert "final return:" in text and "after 102400 env steps" in text, text[-2000:]
     html = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
     assert any("<video" in "".join(o["data"]["text/html"]) for o in html), "no inline video"
