@@ -29,7 +29,7 @@ import optax
 from flax.linen.initializers import constant, orthogonal
 from flax.training.train_state import TrainState
 
-from researchlab.cartpole_render import CartPoleVisualizer, _render_frames
+from researchlab.cartpole_render import CartPoleVisualizer
 from researchlab.design.loop import Loop
 from researchlab.ppo import NoBatch, PPOConfig, init_ppo, ppo_step, rollout_episode
 
@@ -230,9 +230,9 @@ def bench_video(cfg: PPOConfig) -> tuple[float, float, float]:
     env, env_params = gymnax.make(cfg.env_name)
     states, _, _ = jax.jit(rollout_episode, static_argnames=("config", "max_steps"))(
         init_ppo(cfg).model, cfg, jax.random.key(0), max_steps=500)
-    jax.block_until_ready(_render_frames(states))  # compile once
+    CartPoleVisualizer().draw_batch(states)  # compile the renderer once (not part of the figure)
     t0 = time.perf_counter()
-    jax.block_until_ready(_render_frames(states))
+    CartPoleVisualizer().draw_batch(states)
     render_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
