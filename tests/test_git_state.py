@@ -234,9 +234,10 @@ def test_submodule_recorded_by_commit(tmp_path: Path) -> None:
     git(repo / "vendor/lib", "commit", "-qam", "bump")  # the submodule moved to a new commit
     new = git(repo / "vendor/lib", "rev-parse", "HEAD").decode().strip()
     write(repo, {"main.py": "import lib  # v2\n"})
+    write(repo / "vendor/lib", {"lib.py": "v = 3  # uncommitted in the submodule\n"})
     state, clone = checked_state(repo, tmp_path)
     assert old != new and state["submodules"] == {"vendor/lib": new}
-    assert f"+Subproject commit {new}" in state["patch"]
+    assert f"+Subproject commit {new}\n" in state["patch"] and "-dirty" not in state["patch"]
     assert git(clone, "ls-files", "--stage", "vendor/lib").decode().split()[1] == new
 
 
