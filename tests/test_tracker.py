@@ -38,6 +38,7 @@ def clean_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
     gitconfig = tmp_path / "empty.gitconfig"
     gitconfig.write_text("")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gitconfig))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored by monkeypatch after the test
     mlflow.set_tracking_uri(None)
     yield
     leaked = mlflow.active_run()
@@ -298,7 +299,6 @@ def test_generated_ids_skip_taken_ones(uri: str) -> None:
 # ---- where runs go, and no git at all ---------------------------------------------------------------------
 
 def test_default_uri_is_sqlite_in_the_project_root(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (repo / "nbs").mkdir()
     monkeypatch.chdir(repo / "nbs")  # a notebook runs in its own folder
     with ExperimentTracker("default-uri") as tracker:
