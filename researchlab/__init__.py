@@ -8,6 +8,7 @@ __version__ = "0.0.1"
 
 from researchlab.design.core import *  # noqa: E402
 from researchlab.design.infra import *  # noqa: E402
+from researchlab.design.loop import *  # noqa: E402
 from researchlab.design.utils import *  # noqa: E402
 from researchlab.design.visualizer import *  # noqa: E402
 from researchlab.rl import *  # noqa: E402

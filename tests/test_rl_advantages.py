@@ -192,3 +192,15 @@ def test_normalize_advantages_masked(adv, data):
 def test_normalize_advantages_bad_shapes():
     with pytest.raises(ValueError, match=r"advantages \(4,\), mask \(3,\)"):
         normalize_advantages(jnp.zeros(4), jnp.ones(3))
+
+
+def test_gae_jit_vmap_equals_python_loop():
+    k = jax.random.split(jax.random.key(11), 4)
+    N, T, E = 3, 8, 2  # vmap over N independent rollouts (e.g. seeds), each time-major [T, E]
+    r, v = jax.random.normal(k[0], (N, T, E)), jax.random.normal(k[1], (N, T, E))
+    d, lv = jax.random.bernoulli(k[2], 0.2, (N, T, E)), jax.random.normal(k[3], (N, E))
+    adv_b, tgt_b = jax.jit(jax.vmap(compute_ppo_advantages, in_axes=(0, 0, 0, 0, None, None)))(r, v, d, lv, 0.9, 0.8)
+    for n in range(N):
+        adv, tgt = compute_ppo_advantages(r[n], v[n], d[n], lv[n], 0.9, 0.8)
+        np.testing.assert_allclose(adv_b[n], adv, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(tgt_b[n], tgt, rtol=1e-5, atol=1e-6)

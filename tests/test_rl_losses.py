@@ -17,6 +17,7 @@ from researchlab.rl import (
     compute_grpo_loss,
     compute_ppo_loss,
     sequence_logprobs,
+    token_logprobs_and_entropy,
 )
 
 # ---- independent references (plain Python loops) -----------------------------------------------
@@ -262,3 +263,23 @@ def test_all_masked_batch_is_finite_zero():
         loss, diag = jax.jit(compute_grpo_loss, static_argnames="loss_agg")(lp, jnp.ones(2), jnp.zeros((2, 3)),
                                                                             loss_agg=agg)
         assert float(loss) == 0.0 and all(np.isfinite(float(v)) for v in diag.values())
+
+
+def test_token_logprobs_and_entropy_match_numpy_and_feed_the_loss():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    tokens = rng.integers(0, 5, (2, 3))
+    lp, ent = token_logprobs_and_entropy(jnp.asarray(logits), jnp.asarray(tokens))
+    for b in range(2):
+        for t in range(3):
+            z = logits[b, t] - logits[b, t].max()
+            logp = z - math.log(sum(math.exp(x) for x in z))
+            np.testing.assert_allclose(lp[b, t], logp[tokens[b, t]], rtol=1e-5)
+            np.testing.assert_allclose(ent[b, t], -sum(math.exp(x) * x for x in logp), rtol=1e-5)
+    mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+    _, diag = compute_grpo_loss(lp, jnp.ones(2), mask, entropy_B_T=ent)
+    np.testing.assert_allclose(diag["entropy"], (ent[0, 0] + ent[0, 1] + ent[1, 0]) / 3, rtol=1e-6)
+    with pytest.raises(TypeError, match="integer token ids"):
+        token_logprobs_and_entropy(jnp.asarray(logits), jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"entropy_B_T \(2, 2\)"):
+        compute_grpo_loss(lp, jnp.ones(2), mask, entropy_B_T=jnp.ones((2, 2)))
