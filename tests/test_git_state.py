@@ -341,3 +341,10 @@ def test_merge_conflict_in_progress(tmp_path: Path) -> None:
     assert b" 1\ta.txt" in git(repo, "ls-files", "--stage")
     state, clone = checked_state(repo, tmp_path)
     assert "<<<<<<<" in (clone / "a.txt").read_text()
+
+
+def test_corrupt_repository_warns_and_records_nothing(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", {"a.txt": "a\n"})
+    (repo / ".git/refs/heads/main").write_text("0" * 40 + "\n")  # HEAD points to a missing commit
+    with pytest.warns(GitStateWarning, match="could not capture the git state"):
+        assert get_git_state(repo) is None
