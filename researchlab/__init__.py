@@ -10,3 +10,7 @@ from researchlab.design.core import *  # noqa: E402
 from researchlab.design.infra import *  # noqa: E402
 from researchlab.design.utils import *  # noqa: E402
 from researchlab.design.visualizer import *  # noqa: E402
+from researchlab.rl import *  # noqa: E402
+from researchlab.tracking.magic import load_ipython_extension  # noqa: E402, F401
+from researchlab.tracking.tracker import *  # noqa: E402
+from researchlab.tracking.utils import *  # noqa: E402
