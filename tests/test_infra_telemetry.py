@@ -54,8 +54,12 @@ def test_metrics_and_params_reach_the_real_server(mlflow_server, tmp_path: Path)
     for t in range(600):  # 600 steps x 4 metrics + 255 params: several log_batch calls of at most 1000 entries
         tel.log_metrics({"loss": jnp.float32(1.0 / (t + 1)), "np": np.float64(t), "int": t,
                          "arr1": jnp.ones((1,)) * t}, step=t)
-    assert tel.flush(timeout=60)
+    with pytest.warns(UserWarning, match="'nan' is nan at step 5"):
+        tel.log_metrics({"nan": float("nan"), "inf": np.float32(np.inf)}, step=5)
+        assert tel.flush(timeout=60)
     assert tel.close() is None
+    assert math.isnan(history(mlflow_server.uri, tel.run_id, "nan")[0][1])
+    assert history(mlflow_server.uri, tel.run_id, "inf")[0][1] in (math.inf, sys.float_info.max)
     run = MlflowClient(mlflow_server.uri).get_run(tel.run_id)
     params = run.data.params
     assert params["seed"] == "3" and params["optim.lr"] == "0.001" and params["optim.betas"] == "[0.9, 0.999]"
@@ -66,7 +70,7 @@ def test_metrics_and_params_reach_the_real_server(mlflow_server, tmp_path: Path)
     assert history(mlflow_server.uri, tel.run_id, "arr1")[-1] == (599, 599.0)
     loss = history(mlflow_server.uri, tel.run_id, "loss")
     assert len(loss) == 600 and loss[3] == (3, pytest.approx(0.25))
-    assert tel.sent == 600 * 4 + 3 + 2 + 250
+    assert tel.sent == 600 * 4 + 2 + 3 + 2 + 250
 
 
 def test_logs_into_the_active_run_and_leaves_it_open(sqlite_uri: str, tmp_path: Path) -> None:
