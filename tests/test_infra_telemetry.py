@@ -1,6 +1,7 @@
 """MLFlowTelemetry against a real MLflow server and the embedded sqlite store; console and multi telemetry."""
 
 import io
+import json
 import math
 import os
 import subprocess
@@ -249,3 +250,24 @@ def test_multi_telemetry_closes_all_even_if_one_fails() -> None:
     with pytest.raises(OSError, match="disk full"):
         MultiTelemetry(Failing(), Recording()).close()
     assert closed == [True]
+
+
+def test_server_down_from_the_start_spills_beyond_max_pending_and_spools_everything(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    run_id = "f" * 32  # an explicit run: nothing is asked of the server at construction
+    tel = MLFlowTelemetry(run_id=run_id, tracking_uri=dead, spool_dir=tmp_path, interval=0.05, max_backoff=0.1,
+                          request_timeout=1.0, close_timeout=0.5, max_pending=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(400):
+            tel.log_metrics({"a": t}, step=t)
+            if t % 100 == 99:
+                tel.flush(timeout=0.3)  # gives the sender time to fail, back off and spill
+        spool = tel.close()
+    assert any("still unreachable and over 100 points" in str(w.message) for w in caught)
+    lines = [json.loads(x) for x in spool.read_text().splitlines()]
+    steps = sorted(rec["m"][3] for rec in lines if "m" in rec)
+    assert steps == list(range(400))  # every point exactly once, across spills and the final spool
+    assert all(rec["run_id"] == run_id for rec in lines if "run_id" in rec)
