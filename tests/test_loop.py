@@ -611,3 +611,12 @@ def test_loop_metrics_and_config_reach_mlflow(sqlite_uri: str) -> None:
     np.testing.assert_allclose([m.value for m in history], loop.metric("loss")[1], rtol=1e-6)
     assert client.get_run(tel.run_id).data.params["lr"] == "0.01"
     loop.close()
+
+
+def test_config_and_kernel_are_fixed_after_construction() -> None:
+    loop = new_loop()
+    with pytest.raises(AttributeError):
+        loop.config = Cfg(lr=1.0)
+    with pytest.raises(AttributeError):
+        loop.step_fn = train_step
+    assert loop.config == Cfg() and loop.step_fn is train_step
