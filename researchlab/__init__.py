@@ -8,9 +8,9 @@ __version__ = "0.0.1"
 
 from researchlab.design.core import *  # noqa: E402
 from researchlab.design.infra import *  # noqa: E402
+from researchlab.design.loop import *  # noqa: E402
 from researchlab.design.utils import *  # noqa: E402
 from researchlab.design.visualizer import *  # noqa: E402
-from researchlab.design.loop import *  # noqa: E402
 from researchlab.rl import *  # noqa: E402
 from researchlab.tracking.magic import load_ipython_extension  # noqa: E402, F401
 from researchlab.tracking.tracker import *  # noqa: E402
