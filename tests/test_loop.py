@@ -659,3 +659,20 @@ def test_state_with_functions_and_strings_runs_saves_and_resumes(tmp_path: Path)
     with pytest.raises(TypeError, match="changed state.tag, a non-array leaf \\('mlp' -> 'other'\\)"):
         bad.run(1)
     assert bad.step_count == 12
+
+
+# ---- no per-step transfers ------------------------------------------------------------------------
+def test_no_host_transfer_per_step_and_one_fetch_per_log_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = new_loop(log_every=None)
+    loop.run(2)  # compile outside the guard
+    with jax.transfer_guard("disallow_explicit"):  # any host->device transfer in a step would raise here
+        loop.run(20)
+    assert loop.step_count == 22
+
+    fetched = []
+    real_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetched.append(x) or real_get(x))
+    logging = new_loop(log_every=10)
+    logging.run(100)
+    assert len(fetched) <= 10  # metrics of 10 logged steps, fetched in batches, never once per step
+    assert sum(len(batch) for batch in fetched) == 10 and len(logging.history) == 10
