@@ -124,7 +124,7 @@ def main() -> int:
     ok &= ratio > 1.0
 
     probe = bare(Cfg(size=192, reps=12), 20)
-    reps = max(1, round(12 * 3e-3 / min(probe() for _ in range(3))))  # about 3 ms per step on this machine
+    reps = max(1, round(12 * 3e-3 / min(probe() for _ in range(7))))  # about 3 ms per step on this machine
     heavy = Cfg(size=192, reps=reps)
     steps = 100
     t = best({"bare": bare(heavy, steps), "loop": looped(heavy, steps, log_every=10)}, repeats=11)

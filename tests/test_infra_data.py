@@ -93,3 +93,28 @@ def test_state_without_a_clock_is_a_clear_error() -> None:
 
     with pytest.raises(AttributeError, match="NoClock has no Clock in field 'clock'"):
         ArrayDataProvider({"x": jnp.zeros(4)}, 2).get_batch(NoClock(jnp.zeros(1)))
+
+
+def test_provider_is_a_pytree_of_its_data() -> None:
+    import equinox as eqx
+
+    dp = ArrayDataProvider(data(), 4, seed=2)
+    leaves = jax.tree_util.tree_leaves(dp)
+    assert len(leaves) == 2 and all(isinstance(x, jax.Array) for x in leaves)
+    dyn, static = eqx.partition(dp, eqx.is_array)  # what a Loop does to pass the data into jit
+    state = Run(Clock().advance(5), jnp.float32(0))
+
+    @jax.jit
+    def batch(dyn: object, state: Run) -> dict:
+        return eqx.combine(dyn, static).get_batch(state)
+
+    np.testing.assert_array_equal(np.asarray(batch(dyn, state)["y"]["label"]), np.asarray(dp.batch_at(5)["y"]["label"]))
+    # the data are arguments, not constants baked into the program
+    closed = jax.make_jaxpr(lambda d, s: eqx.combine(d, static).get_batch(s))(dyn, state)
+    assert not [c for c in closed.consts if np.size(c) >= 23]
+    baked = jax.make_jaxpr(lambda s: dp.get_batch(s))(state)  # closing over the provider bakes the data in
+    assert [c for c in baked.consts if np.size(c) >= 23]
+    doubled = jax.tree_util.tree_map(lambda x: x * 2, dp)
+    assert isinstance(doubled, ArrayDataProvider) and doubled.batch_size == 4
+    np.testing.assert_array_equal(np.asarray(doubled.batch_at(5)["y"]["label"]),
+                                  2 * np.asarray(dp.batch_at(5)["y"]["label"]))
