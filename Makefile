@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export JAX_PLATFORMS ?= cpu
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean
+.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean browser-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/rlab demo
 
-test: check nbtest pytest
+test: check browser-deps nbtest pytest
 
 check: install sync-check lint
 
@@ -39,6 +39,14 @@ nbtest: install
 pytest: install
 	@$(BIN)/python -m pytest -q --timeout=900 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treated as a failure"; fi; exit $$rc
+
+# The browser test (tests/test_browser.py) drives JupyterLab in Debian's chromium; it skips when chromium is
+# missing. In CI (CI=true, root) install it from Debian's packages first, so the test really runs.
+browser-deps:
+	@if [ "$${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium for the browser test"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium install failed: the browser test will skip"; \
+	fi
 
 lab: install
 	$(BIN)/jupyter lab nbs

@@ -234,9 +234,10 @@ def test_submodule_recorded_by_commit(tmp_path: Path) -> None:
     git(repo / "vendor/lib", "commit", "-qam", "bump")  # the submodule moved to a new commit
     new = git(repo / "vendor/lib", "rev-parse", "HEAD").decode().strip()
     write(repo, {"main.py": "import lib  # v2\n"})
+    write(repo / "vendor/lib", {"lib.py": "v = 3  # uncommitted in the submodule\n"})
     state, clone = checked_state(repo, tmp_path)
     assert old != new and state["submodules"] == {"vendor/lib": new}
-    assert f"+Subproject commit {new}" in state["patch"]
+    assert f"+Subproject commit {new}\n" in state["patch"] and "-dirty" not in state["patch"]
     assert git(clone, "ls-files", "--stage", "vendor/lib").decode().split()[1] == new
 
 
@@ -340,3 +341,10 @@ def test_merge_conflict_in_progress(tmp_path: Path) -> None:
     assert b" 1\ta.txt" in git(repo, "ls-files", "--stage")
     state, clone = checked_state(repo, tmp_path)
     assert "<<<<<<<" in (clone / "a.txt").read_text()
+
+
+def test_corrupt_repository_warns_and_records_nothing(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", {"a.txt": "a\n"})
+    (repo / ".git/refs/heads/main").write_text("0" * 40 + "\n")  # HEAD points to a missing commit
+    with pytest.warns(GitStateWarning, match="could not capture the git state"):
+        assert get_git_state(repo) is None

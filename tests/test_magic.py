@@ -26,7 +26,8 @@ CELLS = [
     'assert mlflow.active_run() is None, mlflow.active_run()\nprint("no active run")',
     # 4-8: a run spanning cells, a second start refused, stop, stop again
     "%rlab_start magic-test --uri $uri --name 2026-03-01_span-cells",
-    'mlflow.log_metric("y", 2.0)',
+    'mlflow.log_metric("y", 2.0)\nimport os\nwith open(os.environ["JPY_SESSION_NAME"], "a") as f:\n'
+    '    f.write("\\n")  # the notebook is saved again while the run is open',
     "%rlab_start magic-test --uri $uri --name 2026-03-01_second",
     "%rlab_stop",
     "%rlab_stop",
@@ -99,3 +100,6 @@ def test_magics_in_a_headless_notebook(notebook_run: tuple[nbformat.NotebookNode
     assert artifacts == {"notebook/experiment.ipynb"}
     assert first.data.tags["rlab.git.commit"] == first.data.tags["mlflow.source.git.commit"]
     assert first.data.tags["rlab.git.dirty"] == "true"
+    # saved while the spanning run was open: the artifact is the last saved version
+    logged = Path(client.download_artifacts(span.info.run_id, "notebook/experiment.ipynb", str(path.parent.parent)))
+    assert logged.read_bytes() == path.read_bytes() and path.read_bytes().endswith(b"\n\n")

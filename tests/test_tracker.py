@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from datetime import date
@@ -38,6 +39,7 @@ def clean_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
     gitconfig = tmp_path / "empty.gitconfig"
     gitconfig.write_text("")
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gitconfig))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored by monkeypatch after the test
     mlflow.set_tracking_uri(None)
     yield
     leaked = mlflow.active_run()
@@ -298,7 +300,6 @@ def test_generated_ids_skip_taken_ones(uri: str) -> None:
 # ---- where runs go, and no git at all ---------------------------------------------------------------------
 
 def test_default_uri_is_sqlite_in_the_project_root(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (repo / "nbs").mkdir()
     monkeypatch.chdir(repo / "nbs")  # a notebook runs in its own folder
     with ExperimentTracker("default-uri") as tracker:
@@ -337,3 +338,29 @@ def test_large_untracked_file_is_tagged(sqlite_uri: str, repo: Path) -> None:
             pass
     tags = MlflowClient(sqlite_uri).get_run(tracker.run_id).data.tags
     assert tags["rlab.git.skipped"] == "dump.bin" and tags["rlab.git.dirty"] == "true"
+
+
+def test_generated_id_taken_meanwhile_by_another_process(sqlite_uri: str, repo: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    "Another process starts a run with the same id between our check and our start: ours draws again."
+    import researchlab.tracking.tracker as tracker_module
+
+    client = MlflowClient(sqlite_uri)
+    rival_exp = client.create_experiment("rival")
+    real_generate = tracker_module.generate_run_id
+    drawn: list[str] = []
+
+    def generate_then_lose_the_race(c: MlflowClient) -> str:
+        rid = real_generate(c)
+        if not drawn:  # the first draw: a rival run takes the id before ours starts
+            client.create_run(rival_exp, start_time=int(time.time() * 1000) - 1000, tags={"rlab.run_id": rid})
+        drawn.append(rid)
+        return rid
+
+    monkeypatch.setattr(tracker_module, "generate_run_id", generate_then_lose_the_race)
+    with ExperimentTracker("race", tracking_uri=sqlite_uri, repo_path=repo) as tracker:
+        pass
+    assert len(drawn) == 2 and tracker.run_name == drawn[1] != drawn[0]
+    run = client.get_run(tracker.run_id)
+    assert run.data.tags["rlab.run_id"] == run.info.run_name == drawn[1]
+    assert find_run_by_rlab_id(drawn[0], client).info.experiment_id == rival_exp

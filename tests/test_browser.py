@@ -1,0 +1,163 @@
+"""The Loop's widget in a real JupyterLab, clicked by a real browser (Debian chromium + playwright).
+
+Skipped with a reason when chromium or playwright is missing; to run it:
+`apt-get install -y chromium && .venv/bin/pip install playwright` (never `playwright install`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="chromium is not installed (apt-get install -y chromium)")
+
+SETUP = """
+import time
+import jax, jax.numpy as jnp, numpy as np
+from researchlab import ArrayDataProvider, Callback, Clock, Config, Loop, State
+
+class Reg(Config):
+    lr: float = 0.1
+
+class RegState(State):
+    w: jax.Array
+    clock: Clock
+
+def sgd_step(state, config, batch):
+    loss, g = jax.value_and_grad(lambda w: jnp.mean((batch["x"] @ w - batch["y"]) ** 2))(state.w)
+    return RegState(w=state.w - config.lr * g, clock=state.clock), {"loss": loss}
+
+xs = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+provider = ArrayDataProvider({"x": xs, "y": xs @ np.array([1.0, -2.0, 0.5], np.float32)}, batch_size=16)
+loop = Loop(Reg(), RegState(w=jnp.zeros(3), clock=Clock()), sgd_step, provider, log_every=1, progress=False,
+            callbacks=[Callback(1, lambda lp: time.sleep(0.01))])
+"""
+
+LONG_RUN = """
+loop.progress = True
+state = loop.run(1_000_000)  # stopped by Kernel > Interrupt
+print(f"returned at {loop.step_count} with clock {int(state.clock.step)}")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    "A fresh JupyterLab server on 127.0.0.1 serving a temp folder with the widget notebook."
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    root, conf = tmp_path / "root", tmp_path / "jupyter"
+    root.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(SETUP),
+                                         nbformat.v4.new_code_cell('loop.widget(metrics=["loss"], num_steps=40)'),
+                                         nbformat.v4.new_code_cell(LONG_RUN)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, root / "loop.ipynb")
+    settings = conf / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+    port, token = _free_port(), "rlab-test-token"
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(conf / "config"), "JUPYTER_RUNTIME_DIR": str(conf / "runtime"),
+           "JUPYTERLAB_SETTINGS_DIR": str(conf / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(conf / "ws"),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
+    log = open(tmp_path / "lab.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
+                             "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}", "--allow-root",
+                             f"--ServerApp.root_dir={root}"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"jupyter lab did not start: {(tmp_path / 'lab.log').read_text()[-2000:]}")
+                time.sleep(0.3)
+        yield f"{url}/lab/tree/loop.ipynb?token={token}", tmp_path
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()
+
+
+def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = lab
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            expect(page.locator(".jp-StatusBar-TextItem", has_text="(ipykernel) | Idle")).to_be_visible(timeout=90_000)
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").click()
+            page.locator('li.lm-Menu-item[data-command="runmenu:run-all"]').click()
+            counter = page.locator(".step-counter input")
+            expect(page.locator("button.step-button")).to_be_visible(timeout=90_000)
+            expect(counter).to_have_value("0")
+
+            # Jupyter's interrupt stops the long run after a step; the cell goes on and prints
+            expect(page.locator(".jp-OutputArea-output .progress")).to_be_visible(timeout=60_000)  # tqdm.auto bar
+            page.wait_for_timeout(1500)
+            page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").click()
+            page.locator('li.lm-Menu-item[data-command="kernelmenu:interrupt"]').click()
+            out = page.locator(".jp-OutputArea-output", has_text="returned at")
+            expect(out).to_be_visible(timeout=60_000)
+            expect(page.locator(".jp-OutputArea-output", has_text="Loop: stopped at step")).to_be_visible()
+            found = re.search(r"returned at (\d+) with clock (\d+)", out.inner_text())
+            assert found and found.group(1) == found.group(2), out.inner_text()
+            stopped = int(found.group(1))
+            assert 0 < stopped < 1_000_000
+            expect(page.locator(".jp-StatusBar-TextItem", has_text="(ipykernel) | Idle")).to_be_visible(timeout=30_000)
+
+            page.locator("button.step-button").click()
+            expect(counter).to_have_value(str(stopped + 1), timeout=60_000)
+            expect(page.locator(".loop-status")).to_contain_text("loss=")
+
+            page.locator("button.run-button").click()  # N = 40
+            expect(page.locator(".loop-status")).to_contain_text(f"done at step {stopped + 41}", timeout=60_000)
+            expect(counter).to_have_value(str(stopped + 41))
+            assert page.locator("img.loop-plot").evaluate("img => img.naturalWidth") > 0
+
+            page.locator(".run-steps input").fill("100000")
+            page.locator(".run-steps input").press("Enter")
+            page.locator("button.run-button").click()
+            expect(page.locator("button.stop-button")).to_be_enabled(timeout=30_000)
+            page.wait_for_timeout(1500)
+            page.locator("button.stop-button").click()
+            expect(page.locator(".loop-status")).to_contain_text("paused at step", timeout=60_000)
+            paused = int(counter.input_value())
+            assert stopped + 41 < paused < stopped + 100_041
+            expect(page.locator("button.run-button")).to_be_enabled()
+        finally:
+            browser.close()

@@ -1,0 +1,48 @@
+"""The tutorials run headlessly (nbclient, a real kernel) on a small budget (`RLAB_TUTORIAL_SMALL=1`): every
+cell, including those marked `#| slow`, except `#| eval: false` ones (interactive widgets)."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIALS = ROOT / "nbs" / "tutorials"
+
+
+def _run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
+    nb = nbformat.read(TUTORIALS / name, as_version=4)
+    nb.cells = [c for c in nb.cells if not (c.cell_type == "code" and "#| eval: false" in c.source)]
+    monkeypatch.setenv("RLAB_TUTORIAL_SMALL", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return nb
+
+
+def _text(nb: nbformat.NotebookNode) -> str:
+    out = []
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            out.append(o.get("text", "") or "".join(o.get("data", {}).get("text/plain", "")))
+    return "\n".join(out)
+
+
+def test_ppo_cartpole_tutorial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    nb = _run("ppo_cartpole.ipynb", tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "stopped at 80" in text and "continued to 90" in text, text[-2000:]
+    assert "resumed at step 90" in text
+    assert "final return:" in text and "after 102400 env steps" in text, text[-2000:]
+    html = [o for c in nb.cells for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert any("<video" in "".join(o["data"]["text/html"]) for o in html), "no inline video"
+
+
+def test_grpo_tiny_lm_tutorial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    nb = _run("grpo_tiny_lm.ipynb", tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "before training" in text and "after training" in text, text[-2000:]
+    assert "reward: first" in text, text[-2000:]
