@@ -267,6 +267,7 @@ def test_server_down_from_the_start_spills_beyond_max_pending_and_spools_everyth
                 tel.flush(timeout=0.3)  # gives the sender time to fail, back off and spill
         spool = tel.close()
     assert any("still unreachable and over 100 points" in str(w.message) for w in caught)
+    assert any("are not all in MLflow after 0.3 s" in str(w.message) for w in caught)  # flush is bounded
     lines = [json.loads(x) for x in spool.read_text().splitlines()]
     steps = sorted(rec["m"][3] for rec in lines if "m" in rec)
     assert steps == list(range(400))  # every point exactly once, across spills and the final spool
