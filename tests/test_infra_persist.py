@@ -237,6 +237,7 @@ def test_kill_9_while_saving_never_leaves_a_bad_latest_checkpoint(tmp_path: Path
         time.sleep(rnd.uniform(0.0, 0.3))
         child.send_signal(signal.SIGKILL)
         child.wait()
+        child.stdout.close()
         torn += any(p.name.endswith(".tmp") for p in ckpts.iterdir())  # killed in the middle of a write
         # every file that looks like a checkpoint loads, and the latest is the highest step
         steps = []
