@@ -77,17 +77,12 @@ def _make_step(target_ms: float = 3.0) -> tuple[object, object, float]:
         return step, jnp.ones((n, n))
 
     best = None
-    for n in (128, 192, 256, 320, 384, 448, 512, 640, 768):
+    for n in (256, 384, 512, 640, 768, 896, 1024):
         step, x = build(n)
-        x, _ = step(x)
-        jax.block_until_ready(x)
-        t0 = time.perf_counter()
-        for _ in range(30):
-            x, _ = step(x)
-        jax.block_until_ready(x)
-        ms = (time.perf_counter() - t0) / 30 * 1e3
+        _loop(step, x, 5)  # compile
+        ms = min(_loop(step, x, 100) for _ in range(3)) / 100 * 1e3  # measured as the benchmark runs it
         if best is None or abs(ms - target_ms) < abs(best[2] - target_ms):
-            best = (step, jnp.ones((n, n)), ms)
+            best = (step, x, ms)
         if ms > target_ms:
             break
     return best

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import researchlab
 from researchlab.design.core import Clock, Config, State
 from researchlab.design.infra import CheckpointManager, EquinoxPersister, OrbaxPersister
 
@@ -188,7 +189,9 @@ def test_manager_missing_or_empty_folder_is_a_clear_error(tmp_path: Path) -> Non
 
 # ---- kill -9 while saving ------------------------------------------------------------------------
 _CHILD = textwrap.dedent("""
-    import sys
+    import sys, types
+    # import researchlab.design.* without the package __init__ (which pulls in every module: slow to start)
+    pkg = types.ModuleType("researchlab"); pkg.__path__ = [sys.argv[2]]; sys.modules["researchlab"] = pkg
     import numpy as np
     from researchlab.design.core import Clock, State
     from researchlab.design.infra import CheckpointManager
@@ -228,11 +231,13 @@ def test_kill_9_while_saving_never_leaves_a_bad_latest_checkpoint(tmp_path: Path
     like = S(Clock(), np.zeros((1 << 20,), np.float32), jnp.int32(0))
     rnd, last_step, torn = random.Random(0), 0, 0
     for trial in range(20):
-        child = subprocess.Popen([sys.executable, str(script), str(ckpts)], env=env, stdout=subprocess.PIPE)
+        child = subprocess.Popen([sys.executable, str(script), str(ckpts), str(Path(researchlab.__file__).parent)],
+                                 env=env, stdout=subprocess.PIPE)
         assert child.stdout.readline().strip() == b"ready", f"trial {trial}: child did not start"
         time.sleep(rnd.uniform(0.0, 0.3))
         child.send_signal(signal.SIGKILL)
         child.wait()
+        child.stdout.close()
         torn += any(p.name.endswith(".tmp") for p in ckpts.iterdir())  # killed in the middle of a write
         # every file that looks like a checkpoint loads, and the latest is the highest step
         steps = []

@@ -196,7 +196,7 @@ def _due(every: int | None, s0: int, s1: int) -> bool:
 class Callback:
     "Call `fn(loop)` every `every` steps (after the step is kept; `fn` may call `loop.stop()`)."
     every: int
-    fn: Callable[[Loop], object]
+    fn: Callable[..., object]  # called as fn(loop)
 
 
 def _period(name: str, value: int | None) -> int | None:
