@@ -1,5 +1,5 @@
-"""GRPO on the tiny transformer (researchlab.grpo_tiny): the task's verifier, the model's causality, the
-kernel under the Loop, and that the reward rises within a few dozen updates."""
+"""GRPO on the tiny transformer (researchlab.grpo_tiny): the task's verifier, the model's causality and the
+config errors. That the reward rises under the Loop is checked by tests/test_tutorials.py (30 updates)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from researchlab.design.loop import Loop
 from researchlab.grpo_tiny import (
     EOS,
     VOCAB,
@@ -17,12 +16,10 @@ from researchlab.grpo_tiny import (
     completion_mask,
     digit_sums,
     encode_prompts,
-    grpo_step,
     init_grpo,
     sample_completions,
     sum_reward,
 )
-from researchlab.ppo import NoBatch
 
 
 def _reference_sum(tokens: list[int]) -> int:
@@ -64,17 +61,6 @@ def test_model_is_causal_and_logprobs_match_sampling():
     # completions hold only digits and <eos>
     many = sample_completions(state.model, encode_prompts(jnp.arange(200) % 19), jax.random.key(1), 3)
     assert set(np.unique(np.asarray(many)).tolist()) <= set(range(10)) | {EOS}
-
-
-def test_grpo_reward_rises_under_the_loop():
-    "Default config, 40 updates through the Loop: the mean reward of the last 10 beats the first 10 by > 0.15."
-    cfg = GRPOConfig(seed=0)
-    loop = Loop(cfg, init_grpo(cfg), grpo_step, NoBatch(), log_every=1, progress=False)
-    loop.run(40)
-    _, reward = loop.metric("reward")
-    _, kl = loop.metric("kl")
-    assert len(reward) == 40 and np.isfinite(kl).all()
-    assert reward[-10:].mean() > reward[:10].mean() + 0.15, reward
 
 
 @pytest.mark.parametrize("kwargs, culprit", [
