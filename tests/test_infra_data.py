@@ -118,3 +118,85 @@ def test_provider_is_a_pytree_of_its_data() -> None:
     assert isinstance(doubled, ArrayDataProvider) and doubled.batch_size == 4
     np.testing.assert_array_equal(np.asarray(doubled.batch_at(5)["y"]["label"]),
                                   2 * np.asarray(dp.batch_at(5)["y"]["label"]))
+
+
+# ---- the shuffle: a keyed bijection evaluated per batch (O(batch_size) per step) -----------------------------
+
+def _epoch_orders(dp: ArrayDataProvider, epochs: int) -> np.ndarray:
+    "Labels served in each of `epochs` epochs, shape (epochs, steps_per_epoch * batch_size)."
+    steps = jnp.arange(epochs * dp.steps_per_epoch)
+    labels = jax.jit(jax.vmap(lambda t: dp.batch_at(t)["y"]["label"]))(steps)
+    return np.asarray(labels).reshape(epochs, -1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 13, 16, 17, 64, 97, 1000, 1009, 65537])
+def test_every_epoch_visits_every_example_once(n: int) -> None:
+    "batch_size = N: one step per epoch, whose batch is the whole permutation (N = 1, primes, powers of 2 and 2^k + 1)."
+    for e, order in enumerate(_epoch_orders(ArrayDataProvider(data(n), n, seed=n), 4)):
+        np.testing.assert_array_equal(np.sort(order), np.arange(n), err_msg=f"N={n}, epoch {e}")
+
+
+@pytest.mark.parametrize("n, batch_size", [(13, 4), (97, 10), (1009, 32), (5, 1)])
+def test_epoch_batches_are_disjoint_slices_of_one_permutation(n: int, batch_size: int) -> None:
+    from researchlab.design.infra import _keyed_permutation
+
+    dp = ArrayDataProvider(data(n), batch_size, seed=5)
+    orders = _epoch_orders(dp, 3)
+    for e, order in enumerate(orders):
+        assert len(set(order.tolist())) == dp.steps_per_epoch * batch_size, f"epoch {e} repeats an example"
+        perm = _keyed_permutation(jnp.arange(n), n, jax.random.fold_in(jax.random.key(5), e))
+        np.testing.assert_array_equal(order, np.asarray(perm)[: len(order)])  # batches are consecutive slices
+        np.testing.assert_array_equal(np.sort(np.asarray(perm)), np.arange(n))
+
+
+@pytest.mark.parametrize("n", [5, 13, 200, 1009])
+def test_epochs_and_seeds_give_different_orders(n: int) -> None:
+    orders = _epoch_orders(ArrayDataProvider(data(n), n, seed=0), 6)
+    assert len({tuple(o) for o in orders.tolist()}) >= (4 if n == 5 else 6), orders
+    other = _epoch_orders(ArrayDataProvider(data(n), n, seed=1), 1)[0]
+    assert not np.array_equal(orders[0], other)
+    assert not np.array_equal(orders[0], np.arange(n))  # shuffled, not the identity
+
+
+def test_order_is_deterministic_and_jit_matches_eager() -> None:
+    n = 1009
+    a, b = ArrayDataProvider(data(n), 16, seed=42), ArrayDataProvider(data(n), 16, seed=42)
+    jit_closed, jit_arg = jax.jit(a.batch_at), jax.jit(lambda p, s: p.batch_at(s))
+    for t in (0, 1, 62, 63, 64, 1000):  # 63 steps per epoch: both sides of an epoch boundary
+        eager = np.asarray(a.batch_at(t)["y"]["label"])
+        np.testing.assert_array_equal(eager, np.asarray(b.batch_at(t)["y"]["label"]))
+        np.testing.assert_array_equal(eager, np.asarray(jit_closed(t)["y"]["label"]))
+        np.testing.assert_array_equal(eager, np.asarray(jit_arg(b, jnp.int32(t))["y"]["label"]))
+
+
+def test_shuffle_of_a_large_dataset_is_a_permutation() -> None:
+    from researchlab.design.infra import _keyed_permutation
+
+    n = 200_000
+    perm = np.asarray(jax.jit(lambda k: _keyed_permutation(jnp.arange(n), n, k))(jax.random.key(7)))
+    np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+    assert abs(np.corrcoef(np.arange(n), perm)[0, 1]) < 0.01  # no trace of the input order
+
+
+def test_a_step_computes_nothing_of_size_n() -> None:
+    "The per-step work is O(batch_size): no intermediate array in the step's program has N elements."
+    n, batch_size = 10_000, 8
+    dp = ArrayDataProvider({"y": {"label": jnp.arange(n)}}, batch_size, seed=0)
+    jaxpr = jax.make_jaxpr(lambda p, t: p.batch_at(t))(dp, jnp.int32(3))
+
+    def sizes(jpr: object) -> list[int]:
+        "Element counts of every value computed in `jpr` (a Jaxpr or ClosedJaxpr), sub-programs included."
+        jpr = getattr(jpr, "jaxpr", jpr)
+        out = []
+        for eqn in jpr.eqns:
+            out += [int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape")]
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, tuple | list) else (p,)):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        out += sizes(sub)
+        return out
+
+    assert max(sizes(jaxpr.jaxpr)) < n
+    # the old implementation (a full permutation per step) fails this check
+    full = jax.make_jaxpr(lambda t: jax.random.permutation(jax.random.key(0), n)[t])(jnp.int32(3))
+    assert max(sizes(full.jaxpr)) >= n

@@ -58,6 +58,44 @@ class DataProvider(ABC, Generic[S]):
         return self
 
 # %% ../../nbs/02_infra.ipynb #0f21cd3e
+_FEISTEL_ROUNDS = 8  # even, so the halves end where they started
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    "A 32-bit integer hash (lowbias32 by C. Wellons): every input bit affects every output bit."
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _keyed_permutation(positions: jax.Array, n: int, key: jax.Array) -> jax.Array:
+    r"""$\pi(\text{positions})$ for a random permutation $\pi$ of $[0, n)$ chosen by `key`, in $O(|\text{positions}|)$.
+
+    A (nearly) balanced Feistel network on $[0, 2^m)$, $2^m \ge n$, with cycle walking into $[0, n)$.
+    `positions`: int array of any shape with values in $[0, n)$; `n`: a static int in $[1, 2^{31})$.
+    Returns an int32 array of the shape of `positions`; distinct positions give distinct indices.
+    """
+    m = max(2, (n - 1).bit_length())
+    keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+
+    def feistel(x: jax.Array) -> jax.Array:
+        hi, lo = m // 2, m - m // 2  # bits of L and R
+        for r in range(_FEISTEL_ROUNDS):
+            left, right = x >> lo, x & jnp.uint32((1 << lo) - 1)
+            left = left ^ (_mix32(right ^ keys[r]) & jnp.uint32((1 << hi) - 1))
+            x = (right << hi) | left
+            hi, lo = lo, hi
+        return x
+
+    def walk(x: jax.Array) -> jax.Array:
+        return jnp.where(x >= n, feistel(x), x)
+
+    out = jax.lax.while_loop(lambda x: jnp.any(x >= n), walk, feistel(jnp.asarray(positions).astype(jnp.uint32)))
+    return out.astype(jnp.int32)
+
+# %% ../../nbs/02_infra.ipynb #db0c29db
 def _clock_step(state: object, clock_field: str) -> jax.Array:
     "The step counter of `state` (a `Clock`, or a State holding one in `clock_field`)."
     clock = state if isinstance(state, Clock) else getattr(state, clock_field, None)
@@ -105,8 +143,8 @@ class ArrayDataProvider(DataProvider[S]):
         step = jnp.asarray(step, jnp.int32)
         epoch, i = step // self.steps_per_epoch, step % self.steps_per_epoch
         if self.shuffle:
-            perm = jax.random.permutation(jax.random.fold_in(jax.random.key(self.seed), epoch), self.num_examples)
-            idx = jax.lax.dynamic_slice_in_dim(perm, i * self.batch_size, self.batch_size)
+            key = jax.random.fold_in(jax.random.key(self.seed), epoch)
+            idx = _keyed_permutation(i * self.batch_size + jnp.arange(self.batch_size), self.num_examples, key)
         else:
             idx = i * self.batch_size + jnp.arange(self.batch_size)
         return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), self.data)
