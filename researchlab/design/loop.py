@@ -425,9 +425,7 @@ class Loop(Generic[S, C]):
         self._cur: tuple[list[jax.Array], int] = (leaves, step)  # (leaves, clock step): swapped in one assignment
         self._view: tuple[object, S] | None = None
         self._pdyn, self._pstatic = eqx.partition(data_provider, eqx.is_array)
-        on_cpu = (next(iter(leaves[0].devices())).platform if leaves else jax.default_backend()) == "cpu"
-        self._trips = jnp.ones((), jnp.int32) if on_cpu else None  # see "One step inside a one-trip while"
-        self._one = jax.jit(self._one_call, donate_argnums=0 if donate else ())
+        self._one = jax.jit(self._one_step, donate_argnums=0 if donate else ())
         self._many = jax.jit(self._scan_steps, donate_argnums=0 if donate else ())
         self._pending: list[_Pending] = []
         self.history: list[dict[str, float]] = []
@@ -488,15 +486,6 @@ class Loop(Generic[S, C]):
         arrays = [x for x, spec in zip(jax.tree_util.tree_leaves(new_state), self._layout.specs) if spec[1] is not None]
         return [x.astype(x.dtype) for x in arrays], metrics
 
-    def _one_call(self, leaves: list[jax.Array], pdyn: object, batch: object,
-                  trips: jax.Array | None) -> tuple[list[jax.Array], dict[str, jax.Array]]:
-        "One step; with `trips` (CPU), inside a `fori_loop` of `trips` (= 1) iterations."
-        if trips is None:
-            return self._one_step(leaves, pdyn, batch)
-        _, metrics = jax.eval_shape(self._one_step, leaves, pdyn, batch)
-        init = (leaves, {k: jnp.zeros(v.shape, v.dtype) for k, v in metrics.items()})
-        return jax.lax.fori_loop(0, trips, lambda _, carry: self._one_step(carry[0], pdyn, batch), init)
-
     def _scan_steps(self, leaves: list[jax.Array], pdyn: object) -> tuple[list[jax.Array], dict[str, jax.Array]]:
         return jax.lax.scan(lambda lv, _: self._one_step(lv, pdyn), leaves, None, length=self.steps_per_call)
 
@@ -507,9 +496,9 @@ class Loop(Generic[S, C]):
         if k > 1:
             new_leaves, metrics = self._many(leaves, self._pdyn)
         elif self.jittable:
-            new_leaves, metrics = self._one(leaves, self._pdyn, None, self._trips)
+            new_leaves, metrics = self._one(leaves, self._pdyn)
         else:
-            new_leaves, metrics = self._one(leaves, self._pdyn, self.provider.get_batch(self.state), self._trips)
+            new_leaves, metrics = self._one(leaves, self._pdyn, self.provider.get_batch(self.state))
         s1 = s0 + k
         self._cur = (new_leaves, s1)
         if _due(self.log_every, s0, s1):
