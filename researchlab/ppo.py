@@ -19,7 +19,7 @@ from .design.infra import DataProvider
 from .rl import compute_ppo_advantages, compute_ppo_loss
 
 # %% auto #0
-__all__ = ['PPOConfig', 'ActorCritic', 'PPOState', 'make_ppo_env', 'make_ppo_optimizer', 'init_ppo', 'PPOTransition',
+__all__ = ['PPOConfig', 'Dense', 'ActorCritic', 'PPOState', 'make_ppo_env', 'make_ppo_optimizer', 'init_ppo', 'PPOTransition',
            'collect_rollout', 'ppo_loss', 'ppo_step', 'NoBatch', 'rollout_episode']
 
 # %% ../nbs/30_ppo.ipynb #da358077
@@ -68,35 +68,49 @@ class PPOConfig(Config):
         return self.total_steps // self.batch_size
 
 # %% ../nbs/30_ppo.ipynb #d5a9d049
-def _linear(key: jax.Array, n_in: int, n_out: int, gain: float) -> eqx.nn.Linear:
-    "An `eqx.nn.Linear` with orthogonal weights of the given gain and zero bias."
-    layer = eqx.nn.Linear(n_in, n_out, key=key)
-    weight = jax.nn.initializers.orthogonal(gain)(key, (n_out, n_in), jnp.float32)
-    return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (weight, jnp.zeros((n_out,), jnp.float32)))
+class Dense(eqx.Module):
+    "`x_..._I @ weight_I_O + bias_O` on any leading batch axes (input-major weights, as flax's `Dense`)."
+    weight_I_O: jax.Array
+    bias_O: jax.Array
+
+    def __call__(self, x_I: jax.Array) -> jax.Array:
+        y = x_I @ self.weight_I_O
+        return y + jnp.broadcast_to(self.bias_O, y.shape)  # explicit: no implicit rank promotion
+
+    @property
+    def weight(self) -> jax.Array:
+        "The weights output-major, `(O, I)`, as `eqx.nn.Linear.weight`."
+        return self.weight_I_O.T
+
+
+def _dense(key: jax.Array, n_in: int, n_out: int, gain: float) -> Dense:
+    "A `Dense` layer with orthogonal weights of the given gain and zero bias."
+    weight_O_I = jax.nn.initializers.orthogonal(gain)(key, (n_out, n_in), jnp.float32)
+    return Dense(weight_O_I.T, jnp.zeros((n_out,), jnp.float32))
 
 
 class ActorCritic(eqx.Module):
     "Separate tanh MLPs for the policy logits and the state value."
-    actor: tuple[eqx.nn.Linear, ...]
-    critic: tuple[eqx.nn.Linear, ...]
+    actor: tuple[Dense, ...]
+    critic: tuple[Dense, ...]
 
     def __init__(self, obs_size: int, num_actions: int, hidden: int = 64, *, key: jax.Array):
         ka, kc = jax.random.split(key)
         ka1, ka2, ka3 = jax.random.split(ka, 3)
         kc1, kc2, kc3 = jax.random.split(kc, 3)
         g = float(jnp.sqrt(2.0))
-        self.actor = (_linear(ka1, obs_size, hidden, g), _linear(ka2, hidden, hidden, g),
-                      _linear(ka3, hidden, num_actions, 0.01))
-        self.critic = (_linear(kc1, obs_size, hidden, g), _linear(kc2, hidden, hidden, g),
-                       _linear(kc3, hidden, 1, 1.0))
+        self.actor = (_dense(ka1, obs_size, hidden, g), _dense(ka2, hidden, hidden, g),
+                      _dense(ka3, hidden, num_actions, 0.01))
+        self.critic = (_dense(kc1, obs_size, hidden, g), _dense(kc2, hidden, hidden, g),
+                       _dense(kc3, hidden, 1, 1.0))
 
     def __call__(self, obs_O: jax.Array) -> tuple[jax.Array, jax.Array]:
-        "`obs_O` → `(logits_A, value)` for a single observation."
-        def mlp(layers: tuple[eqx.nn.Linear, ...], x: jax.Array) -> jax.Array:
+        "`obs_..._O` → `(logits_..._A, value_...)`: one observation or a batch on leading axes."
+        def mlp(layers: tuple[Dense, ...], x: jax.Array) -> jax.Array:
             for layer in layers[:-1]:
                 x = jnp.tanh(layer(x))
             return layers[-1](x)
-        return mlp(self.actor, obs_O), mlp(self.critic, obs_O)[0]
+        return mlp(self.actor, obs_O), mlp(self.critic, obs_O)[..., 0]
 
 # %% ../nbs/30_ppo.ipynb #bad5673c
 class PPOState(State):
@@ -162,7 +176,7 @@ def collect_rollout(state: PPOState, config: PPOConfig) -> tuple[PPOState, PPOTr
     def env_step(carry: tuple, key: jax.Array) -> tuple[tuple, PPOTransition]:
         env_state, obs, ep_return = carry
         k_act, k_env = jax.random.split(key)
-        logits, value = jax.vmap(state.model)(obs)
+        logits, value = state.model(obs)
         action = jax.random.categorical(k_act, logits)
         logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=1)[:, 0]
         keys = jax.random.split(k_env, config.num_envs)
@@ -191,7 +205,7 @@ def ppo_loss(model: ActorCritic, batch: PPOTransition, advantages_B: jax.Array, 
 
     **Returns:** `(loss, diagnostics)`.
     """
-    logits_B_A, values_B = jax.vmap(model)(batch.obs)
+    logits_B_A, values_B = model(batch.obs)
     logp_B_A = jax.nn.log_softmax(logits_B_A)
     logprobs_B = jnp.take_along_axis(logp_B_A, batch.action[:, None], axis=1)[:, 0]
     entropy_B = -jnp.sum(jnp.exp(logp_B_A) * logp_B_A, axis=1)
@@ -208,7 +222,7 @@ def ppo_step(state: PPOState, config: PPOConfig, batch: object = None) -> tuple[
     `num_minibatches` gradient steps. A pure kernel for the `Loop` (`batch` is unused: the rollout is
     the data). Returns the new state and scalar metrics."""
     state, traj = collect_rollout(state, config)
-    _, last_value_E = jax.vmap(state.model)(state.obs)
+    _, last_value_E = state.model(state.obs)
     advantages_T_E, targets_T_E = compute_ppo_advantages(traj.reward, traj.value, traj.done, last_value_E,
                                                          gamma=config.gamma, lam=config.gae_lambda)
     flat = jax.tree.map(lambda x: x.reshape((config.batch_size,) + x.shape[2:]),
