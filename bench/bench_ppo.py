@@ -8,8 +8,9 @@ Timings on a shared 2-core machine are noisy: each training time is the best of 
 alternating baseline and ours. `steps_per_call` is the Loop's documented fast path (nbs/04_loop.ipynb, "Fusing
 steps with lax.scan"); a third, reference row runs `ppo_step` scanned in one jit without the Loop, which splits our
 gap into kernel cost and per-call cost. On XLA:CPU one compiled call of a PPO update costs ~0.3 ms more than the
-same update inside a scan (measured: the same HLO runs slower as an executable's top level than as a loop body;
-not the Loop's Python side, not donation, not async dispatch), which is why the 1-update-per-call row trails.
+same update inside a scan (measured: a bare `jax.jit(ppo_step)` loop pays it too, so it is not the Loop's Python
+side; buffer donation recovers ~1 %, turning off async dispatch or Eigen threading nothing; the optimized HLO of
+one call is the same as the scan body's), which is why the 1-update-per-call row trails.
 
     python bench/bench_ppo.py [--repeats 3] [--skip-seeds]
 """
