@@ -10,9 +10,13 @@ steps with lax.scan"); a third, reference row runs `ppo_step` scanned in one jit
 gap into kernel cost and per-call cost. On XLA:CPU one compiled call of a PPO update costs ~0.3 ms more than the
 same update inside a scan (measured: a bare `jax.jit(ppo_step)` loop pays it too, so it is not the Loop's Python
 side; buffer donation recovers ~1 %, turning off async dispatch or Eigen threading nothing; the optimized HLO of
-one call is the same as the scan body's), which is why the 1-update-per-call row trails.
+one call is the same as the scan body's), which is why the 1-update-per-call row trails. The fused rows lose to one
+scan for the same reason, not for the Loop's own work: a bare jitted scan of 61 `ppo_step`s called 16 times
+measured as slow as the Loop with `steps_per_call=61` (both 0.87-0.88x of one scan in one run, 0.99-1.01x in
+others), and the same with 244 (0.99x); the optimized HLO for 61 and 976 differs only in the trip count. Hence the
+second fused row, `--steps-per-call` (default 244 = 976 / 4, a divisor as the Loop notebook advises).
 
-    python bench/bench_ppo.py [--repeats 3] [--skip-seeds]
+    python bench/bench_ppo.py [--repeats 3] [--skip-seeds] [--steps-per-call 244]
 """
 
 from __future__ import annotations
