@@ -12,8 +12,9 @@ same update inside a scan (measured: a bare `jax.jit(ppo_step)` loop pays it too
 side; buffer donation recovers ~1 %, turning off async dispatch or Eigen threading nothing; the optimized HLO of
 one call is the same as the scan body's), which is why the 1-update-per-call row trails. The fused rows lose to one
 scan for the same reason, not for the Loop's own work: a bare jitted scan of 61 `ppo_step`s called 16 times
-measured as slow as the Loop with `steps_per_call=61` (both 0.87-0.88x of one scan in one run, 0.99-1.01x in
-others), and the same with 244 (0.99x); the optimized HLO for 61 and 976 differs only in the trip count. Hence the
+measured as slow as the Loop with `steps_per_call=61` (0.867x and 0.881x of one scan, same run), and likewise with
+244 (0.980-0.992x bare, 0.995-0.998x Loop, two runs); the optimized HLO for 61 and 976 differs only in the trip
+count, and the temp buffer is 0.27 MB. Hence the
 second fused row, `--steps-per-call` (default 244 = 976 / 4, a divisor as the Loop notebook advises).
 
     python bench/bench_ppo.py [--repeats 3] [--skip-seeds] [--steps-per-call 244]
