@@ -283,3 +283,21 @@ def test_token_logprobs_and_entropy_match_numpy_and_feed_the_loss():
         token_logprobs_and_entropy(jnp.asarray(logits), jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"entropy_B_T \(2, 2\)"):
         compute_grpo_loss(lp, jnp.ones(2), mask, entropy_B_T=jnp.ones((2, 2)))
+
+
+_vmapped_grpo = jax.jit(jax.vmap(functools.partial(compute_grpo_loss, beta=0.04, eps_high=0.28, loss_agg="token")))
+_single_grpo = jax.jit(functools.partial(compute_grpo_loss, beta=0.04, eps_high=0.28, loss_agg="token"))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_jit_vmap_equals_loop_property(seed):
+    k = jax.random.split(jax.random.key(seed), 5)
+    N, B, T = 3, 2, 4
+    lp = jax.random.normal(k[0], (N, B, T)) - 1
+    old, ref = lp + 0.3 * jax.random.normal(k[1], (N, B, T)), lp + 0.3 * jax.random.normal(k[2], (N, B, T))
+    adv, mask = jax.random.normal(k[3], (N, B)), jax.random.bernoulli(k[4], 0.6, (N, B, T))
+    batched, _ = _vmapped_grpo(lp, adv, mask, old, ref)
+    for n in range(N):
+        np.testing.assert_allclose(batched[n], _single_grpo(lp[n], adv[n], mask[n], old[n], ref[n])[0],
+                                   rtol=1e-5, atol=1e-6)
