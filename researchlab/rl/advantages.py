@@ -45,6 +45,14 @@ def _float_dtype(*xs: jax.Array) -> jnp.dtype:
     floats = [x.dtype for x in xs if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.result_type(*floats) if floats else jnp.result_type(float)
 
+
+def _masked_means(x_B_T: jax.Array, m_B_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    "Masked `x` (zeros where `m` is 0), its token mean and its mean of per-sequence means (empty rows count 0)."
+    masked = jnp.where(m_B_T > 0, x_B_T, 0.0)
+    token = masked.sum() / jnp.maximum(m_B_T.sum(), 1.0)
+    sequence = (masked.sum(axis=1) / jnp.maximum(m_B_T.sum(axis=1), 1.0)).mean()
+    return masked, token, sequence
+
 # %% ../../nbs/20_rl_advantages.ipynb #1bba6017
 def compute_ppo_advantages(
     rewards_T_E: jax.Array,  # rewards $r_t$, shape `[T, ...]`

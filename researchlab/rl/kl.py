@@ -11,7 +11,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from .advantages import _check_same_shape, _float_dtype, _shape_error
+from .advantages import _check_same_shape, _float_dtype, _masked_means, _shape_error
 
 # %% auto #0
 __all__ = ['KLFn', 'KLEstimator', 'KLReduction', 'compute_per_token_kl', 'compute_reverse_kl', 'compute_forward_kl',
@@ -161,13 +161,13 @@ def compute_batch_kl(
         raise _shape_error(fn, "kl_B_T must have 2 axes [B, T]; use jax.vmap for more", kl_B_T=kl_B_T)
     _check_same_shape(fn, kl_B_T=kl_B_T, mask_B_T=mask_B_T)
     m = jnp.ones(kl_B_T.shape, _float_dtype(kl_B_T)) if mask_B_T is None else mask_B_T.astype(_float_dtype(kl_B_T))
-    k = jnp.where(m > 0, kl_B_T, 0.0)
+    masked, token, sequence = _masked_means(kl_B_T, m)
     if reduction == "token":
-        return k.sum() / jnp.maximum(m.sum(), 1.0)
+        return token
     if reduction == "sequence":
-        return (k.sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)).mean()
+        return sequence
     if reduction == "sum":
-        return k.sum(axis=1).mean()
+        return masked.sum(axis=1).mean()
     raise ValueError(f"{fn}: reduction must be 'token', 'sequence' or 'sum'; received {reduction!r}")
 
 # %% ../../nbs/22_rl_kl.ipynb #ada7d4fe

@@ -10,7 +10,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from .advantages import _check_nonempty, _check_same_shape, _float_dtype, _shape_error
+from .advantages import _check_nonempty, _check_same_shape, _float_dtype, _masked_means, _shape_error
 from .kl import KLEstimator, KLFn, compute_per_token_kl
 
 # %% auto #0
@@ -37,12 +37,11 @@ def aggregate_loss(
     if loss_B_T.ndim != 2:
         raise _shape_error(fn, "loss_B_T must have 2 axes [B, T]", loss_B_T=loss_B_T)
     _check_same_shape(fn, loss_B_T=loss_B_T, mask_B_T=mask_B_T)
-    m = mask_B_T.astype(loss_B_T.dtype)
-    masked = jnp.where(m > 0, loss_B_T, 0.0)
+    masked, token, sequence = _masked_means(loss_B_T, mask_B_T.astype(loss_B_T.dtype))
     if mode == "token":
-        return masked.sum() / jnp.maximum(m.sum(), 1.0)
+        return token
     if mode == "sequence":
-        return (masked.sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)).mean()
+        return sequence
     if mode == "constant":
         t_max = loss_B_T.shape[1] if max_length is None else max_length
         if t_max <= 0:
