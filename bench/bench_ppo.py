@@ -6,16 +6,18 @@ Targets (issue 7): env steps/s of ours >= the baseline's; render + encode of 500
 >= 4 of 5 seeds reach a mean episodic return >= 475. Exits non-zero when one is missed.
 Timings on a shared 2-core machine are noisy: each training time is the best of `--repeats` runs,
 alternating baseline and ours. `steps_per_call` is the Loop's documented fast path (nbs/04_loop.ipynb, "Fusing
-steps with lax.scan"); a third, reference row runs `ppo_step` scanned in one jit without the Loop, which splits our
-gap into kernel cost and per-call cost. On XLA:CPU one compiled call of a PPO update costs ~0.3 ms more than the
-same update inside a scan (measured: a bare `jax.jit(ppo_step)` loop pays it too, so it is not the Loop's Python
-side; buffer donation recovers ~1 %, turning off async dispatch or Eigen threading nothing; the optimized HLO of
-one call is the same as the scan body's), which is why the 1-update-per-call row trails. The fused rows lose to one
-scan for the same reason, not for the Loop's own work: a bare jitted scan of 61 `ppo_step`s called 16 times
-measured as slow as the Loop with `steps_per_call=61` (0.867x and 0.881x of one scan, same run), and likewise with
-244 (0.980-0.992x bare, 0.995-0.998x Loop, two runs); the optimized HLO for 61 and 976 differs only in the trip
-count, and the temp buffer is 0.27 MB. Hence the
-second fused row, `--steps-per-call` (default 244 = 976 / 4, a divisor as the Loop notebook advises).
+steps with lax.scan"); a last, reference row runs `ppo_step` scanned in one jit without the Loop, which splits our
+figure into kernel cost and per-call cost.
+
+Where our margin comes from (nbs/30_ppo.ipynb): the rollout scan holds only the policy's logits, the action and the
+environment step (random numbers drawn before it, values and log-probs computed after it in one batched call each:
+~10 % of a run), and Adam runs on the raveled parameters (`optax.flatten`: 2-4 %). The 1-update-per-call row trails
+the fused rows because on XLA:CPU one compiled call of a PPO update costs ~0.3 ms more than the same update inside
+a scan (a bare `jax.jit(ppo_step)` loop pays it too, so it is not the Loop's Python side; buffer donation recovers
+~1 %, turning off async dispatch or Eigen threading nothing; the optimized HLO of one call is the same as the scan
+body's). For the same reason a few long calls beat many short ones: a bare jitted scan of 61 `ppo_step`s called 16
+times measured as slow as the Loop with `steps_per_call=61`. Hence the second fused row, `--steps-per-call`
+(default 244 = 976 / 4, a divisor as the Loop notebook advises).
 
     python bench/bench_ppo.py [--repeats 3] [--skip-seeds] [--steps-per-call 244]
 """

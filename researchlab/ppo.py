@@ -89,6 +89,13 @@ def _dense(key: jax.Array, n_in: int, n_out: int, gain: float) -> Dense:
     return Dense(weight_O_I.T, jnp.zeros((n_out,), jnp.float32))
 
 
+def _mlp(layers: tuple[Dense, ...], x: jax.Array) -> jax.Array:
+    "tanh between the layers, none after the last."
+    for layer in layers[:-1]:
+        x = jnp.tanh(layer(x))
+    return layers[-1](x)
+
+
 class ActorCritic(eqx.Module):
     "Separate tanh MLPs for the policy logits and the state value."
     actor: tuple[Dense, ...]
@@ -104,13 +111,17 @@ class ActorCritic(eqx.Module):
         self.critic = (_dense(kc1, obs_size, hidden, g), _dense(kc2, hidden, hidden, g),
                        _dense(kc3, hidden, 1, 1.0))
 
+    def logits(self, obs_O: jax.Array) -> jax.Array:
+        "The policy alone: `obs_..._O` → `logits_..._A`."
+        return _mlp(self.actor, obs_O)
+
+    def value(self, obs_O: jax.Array) -> jax.Array:
+        "The critic alone: `obs_..._O` → `value_...`."
+        return _mlp(self.critic, obs_O)[..., 0]
+
     def __call__(self, obs_O: jax.Array) -> tuple[jax.Array, jax.Array]:
         "`obs_..._O` → `(logits_..._A, value_...)`: one observation or a batch on leading axes."
-        def mlp(layers: tuple[Dense, ...], x: jax.Array) -> jax.Array:
-            for layer in layers[:-1]:
-                x = jnp.tanh(layer(x))
-            return layers[-1](x)
-        return mlp(self.actor, obs_O), mlp(self.critic, obs_O)[..., 0]
+        return self.logits(obs_O), self.value(obs_O)
 
 # %% ../nbs/30_ppo.ipynb #bad5673c
 class PPOState(State):
@@ -135,14 +146,14 @@ def make_ppo_env(config: PPOConfig) -> tuple[gymnax.environments.environment.Env
 
 
 def make_ppo_optimizer(config: PPOConfig) -> optax.GradientTransformation:
-    "Global-norm clipping then Adam (eps 1e-5), with the learning rate annealed linearly when asked."
+    "Global-norm clipping then Adam (eps 1e-5), with the learning rate annealed linearly when asked, on the raveled parameters."
     per_update = config.update_epochs * config.num_minibatches
 
     def schedule(count: jax.Array) -> jax.Array:
         return config.lr * (1.0 - (count // per_update) / config.num_updates)
 
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                       optax.adam(schedule if config.anneal_lr else config.lr, eps=1e-5))
+    return optax.flatten(optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                                     optax.adam(schedule if config.anneal_lr else config.lr, eps=1e-5)))
 
 
 def init_ppo(config: PPOConfig, key: jax.Array | None = None) -> PPOState:
@@ -158,7 +169,7 @@ def init_ppo(config: PPOConfig, key: jax.Array | None = None) -> PPOState:
 
 # %% ../nbs/30_ppo.ipynb #778131cd
 class PPOTransition(NamedTuple):
-    "One step of `E` environments; `lax.scan` stacks these into `(T, E, ...)` arrays."
+    "A rollout of `E` environments, one field per quantity, each shaped `(T, E, ...)` (a flat batch `(B, ...)` later)."
     obs: jax.Array  # (E, O) observation the action was chosen from
     action: jax.Array  # (E,) int32
     logprob: jax.Array  # (E,) log π(action | obs) at collection time
@@ -171,26 +182,30 @@ class PPOTransition(NamedTuple):
 def collect_rollout(state: PPOState, config: PPOConfig) -> tuple[PPOState, PPOTransition]:
     "Step the `E` environments `T` times with the current policy: `(state advanced, transitions (T, E, ...))`."
     env, env_params = make_ppo_env(config)
-    rng, key = jax.random.split(state.rng)
+    T, E = config.num_steps, config.num_envs
+    rng, k_act, k_env = jax.random.split(state.rng, 3)
+    gumbel_T_E_A = jax.random.gumbel(k_act, (T, E, env.num_actions))  # argmax(logits + G) ~ softmax(logits)
+    env_keys_T_E = jax.random.split(k_env, (T, E))
+    step_E = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
-    def env_step(carry: tuple, key: jax.Array) -> tuple[tuple, PPOTransition]:
-        env_state, obs, ep_return = carry
-        k_act, k_env = jax.random.split(key)
-        logits, value = state.model(obs)
-        action = jax.random.categorical(k_act, logits)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=1)[:, 0]
-        keys = jax.random.split(k_env, config.num_envs)
-        obs2, env_state2, reward, terminated, truncated, _ = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            keys, env_state, action, env_params)
-        done = jnp.logical_or(terminated, truncated)
-        ep_return = ep_return + reward
-        tr = PPOTransition(obs, action, logprob, value, reward, done, jnp.where(done, ep_return, 0.0))
-        return (env_state2, obs2, jnp.where(done, 0.0, ep_return)), tr
+    def env_step(carry: tuple, xs: tuple[jax.Array, jax.Array]) -> tuple[tuple, tuple[jax.Array, ...]]:
+        env_state, obs_E_O, ep_return_E = carry
+        gumbel_E_A, keys_E = xs
+        logits_E_A = state.model.logits(obs_E_O)
+        action_E = jnp.argmax(logits_E_A + gumbel_E_A, axis=-1).astype(jnp.int32)
+        obs2_E_O, env_state2, reward_E, terminated_E, truncated_E, _ = step_E(keys_E, env_state, action_E, env_params)
+        done_E = jnp.logical_or(terminated_E, truncated_E)
+        ep_return_E = ep_return_E + reward_E
+        out = (obs_E_O, action_E, logits_E_A, reward_E, done_E, jnp.where(done_E, ep_return_E, 0.0))
+        return (env_state2, obs2_E_O, jnp.where(done_E, 0.0, ep_return_E)), out
 
-    (env_state, obs, ep_return), traj = jax.lax.scan(
-        env_step, (state.env_state, state.obs, state.episode_return), jax.random.split(key, config.num_steps))
+    (env_state, obs_E_O, ep_return_E), (obs, action, logits, reward, done, finished) = jax.lax.scan(
+        env_step, (state.env_state, state.obs, state.episode_return), (gumbel_T_E_A, env_keys_T_E))
+    # after the scan, in one batched call each: log π(a|s) and V(s) of the whole rollout
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], axis=-1)[..., 0]
+    traj = PPOTransition(obs, action, logprob, state.model.value(obs), reward, done, finished)
     state = eqx.tree_at(lambda s: (s.env_state, s.obs, s.episode_return, s.rng), state,
-                        (env_state, obs, ep_return, rng))
+                        (env_state, obs_E_O, ep_return_E, rng))
     return state, traj
 
 # %% ../nbs/30_ppo.ipynb #56cba518
@@ -222,7 +237,7 @@ def ppo_step(state: PPOState, config: PPOConfig, batch: object = None) -> tuple[
     `num_minibatches` gradient steps. A pure kernel for the `Loop` (`batch` is unused: the rollout is
     the data). Returns the new state and scalar metrics."""
     state, traj = collect_rollout(state, config)
-    _, last_value_E = state.model(state.obs)
+    last_value_E = state.model.value(state.obs)
     advantages_T_E, targets_T_E = compute_ppo_advantages(traj.reward, traj.value, traj.done, last_value_E,
                                                          gamma=config.gamma, lam=config.gae_lambda)
     flat = jax.tree.map(lambda x: x.reshape((config.batch_size,) + x.shape[2:]),
@@ -278,8 +293,8 @@ def rollout_episode(model: ActorCritic, config: PPOConfig, key: jax.Array,
 
     def body(carry: tuple, key: jax.Array) -> tuple[tuple, gymnax.EnvState]:
         env_state, obs, alive, length, ret = carry
-        logits, _ = model(obs)
-        obs2, env_state2, reward, terminated, truncated, _ = env.step(key, env_state, jnp.argmax(logits), env_params)
+        obs2, env_state2, reward, terminated, truncated, _ = env.step(key, env_state, jnp.argmax(model.logits(obs)),
+                                                                      env_params)
         ret = ret + jnp.where(alive, reward, 0.0)
         length = length + alive.astype(jnp.int32)
         return (env_state2, obs2, alive & ~(terminated | truncated), length, ret), env_state
