@@ -42,8 +42,9 @@ from flax.linen.initializers import constant, orthogonal
 from flax.training.train_state import TrainState
 
 from researchlab.cartpole_render import CartPoleVisualizer
+from researchlab.design.infra import NoBatch
 from researchlab.design.loop import Loop
-from researchlab.ppo import NoBatch, PPOConfig, init_ppo, ppo_step, rollout_episode
+from researchlab.ppo import PPOConfig, init_ppo, ppo_step, rollout_episode
 
 # ---------------------------------------------------------------------------------------------------------
 # Baseline: PureJaxRL's ppo.py (flax linen network, everything inside one jitted `train(key)`)

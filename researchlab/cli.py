@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from .cartpole_render import record_episode
 from .design.core import Config
-from .design.infra import EquinoxPersister, MLFlowTelemetry, MultiTelemetry, Telemetry
+from .design.infra import EquinoxPersister, MLFlowTelemetry, MultiTelemetry, NoBatch, Telemetry
 from .design.loop import Loop
-from .ppo import NoBatch, PPOConfig, init_ppo, ppo_step
+from .ppo import PPOConfig, init_ppo, ppo_step
 from .tracking.tracker import ExperimentTracker
 
 # %% auto #0

@@ -5,7 +5,7 @@
 # %% ../nbs/30_ppo.ipynb #ddb04c04
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import gymnax
@@ -15,12 +15,11 @@ import optax
 from pydantic import Field, model_validator
 
 from .design.core import Clock, Config, State
-from .design.infra import DataProvider
 from .rl import compute_ppo_advantages, compute_ppo_loss
 
 # %% auto #0
 __all__ = ['PPOConfig', 'Dense', 'ActorCritic', 'PPOState', 'make_ppo_env', 'make_ppo_optimizer', 'init_ppo', 'PPOTransition',
-           'collect_rollout', 'ppo_loss', 'ppo_step', 'NoBatch', 'rollout_episode']
+           'collect_rollout', 'ppo_loss', 'ppo_step', 'rollout_episode']
 
 # %% ../nbs/30_ppo.ipynb #da358077
 class PPOConfig(Config):
@@ -270,18 +269,6 @@ def ppo_step(state: PPOState, config: PPOConfig, batch: object = None) -> tuple[
     metrics.update(episode_return=return_mean, episodes=n_done.astype(jnp.float32),
                    env_steps=(new_state.clock.step * config.batch_size).astype(jnp.float32))
     return new_state, metrics
-
-# %% ../nbs/30_ppo.ipynb #6ef2a26e
-class NoBatch(DataProvider):
-    "A data provider for kernels that make their own data (RL rollouts): every batch is `None`."
-    jittable: ClassVar[bool] = True
-
-    def get_batch(self, state: State) -> None:
-        "Always `None`."
-        return None
-
-    def __next__(self) -> None:
-        return None
 
 # %% ../nbs/30_ppo.ipynb #0e283829
 def rollout_episode(model: ActorCritic, config: PPOConfig, key: jax.Array,

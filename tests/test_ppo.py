@@ -12,9 +12,9 @@ import pytest
 from pydantic import ValidationError
 
 from researchlab.cartpole_render import CartPoleVisualizer, record_episode, render_cartpole, render_frames
-from researchlab.design.infra import EquinoxPersister
+from researchlab.design.infra import EquinoxPersister, NoBatch
 from researchlab.design.loop import Loop
-from researchlab.ppo import NoBatch, PPOConfig, init_ppo, make_ppo_env, ppo_step, rollout_episode
+from researchlab.ppo import PPOConfig, init_ppo, make_ppo_env, ppo_step, rollout_episode
 
 SMALL = PPOConfig(num_envs=2, num_steps=32, total_steps=4096, hidden=16)
 

@@ -35,9 +35,9 @@ Batch = object
 "A batch: any PyTree of arrays (leading axis = examples for `ArrayDataProvider`)."
 
 # %% auto #0
-__all__ = ['Batch', 'Scalar', 'DataProvider', 'ArrayDataProvider', 'Telemetry', 'Persister', 'fingerprint', 'EquinoxPersister',
-           'CheckpointManager', 'OrbaxPersister', 'upload_spool', 'MLFlowTelemetry', 'ConsoleTelemetry',
-           'MultiTelemetry']
+__all__ = ['Batch', 'Scalar', 'DataProvider', 'ArrayDataProvider', 'NoBatch', 'Telemetry', 'Persister', 'fingerprint',
+           'EquinoxPersister', 'CheckpointManager', 'OrbaxPersister', 'upload_spool', 'MLFlowTelemetry',
+           'ConsoleTelemetry', 'MultiTelemetry']
 
 # %% ../../nbs/02_infra.ipynb #0b8edaf2
 class DataProvider(ABC, Generic[S]):
@@ -156,6 +156,18 @@ class ArrayDataProvider(DataProvider[S]):
         batch = self.batch_at(self._cursor)
         self._cursor += 1
         return batch
+
+# %% ../../nbs/02_infra.ipynb #436fe05f
+class NoBatch(DataProvider):
+    "A data provider for kernels that make their own data (RL rollouts): every batch is `None`."
+    jittable: ClassVar[bool] = True
+
+    def get_batch(self, state: object) -> None:
+        "Always `None`."
+        return None
+
+    def __next__(self) -> None:
+        return None
 
 # %% ../../nbs/02_infra.ipynb #fdd20880
 Scalar = float | int | np.number | np.ndarray | jax.Array
