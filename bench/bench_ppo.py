@@ -16,8 +16,9 @@ the fused rows because on XLA:CPU one compiled call of a PPO update costs ~0.3 m
 a scan (a bare `jax.jit(ppo_step)` loop pays it too, so it is not the Loop's Python side; buffer donation recovers
 ~1 %, turning off async dispatch or Eigen threading nothing; the optimized HLO of one call is the same as the scan
 body's). For the same reason a few long calls beat many short ones: a bare jitted scan of 61 `ppo_step`s called 16
-times measured as slow as the Loop with `steps_per_call=61`. Hence the second fused row, `--steps-per-call`
-(default 244 = 976 / 4, a divisor as the Loop notebook advises).
+times measured as slow as the Loop with `steps_per_call=61`. The first fused row is what `rlab demo` runs (61: the
+largest divisor of 976 up to 64); the second, `--steps-per-call` (default 244 = 976 / 4, a divisor as the Loop
+notebook advises), shows how close long calls come to one scan.
 
     python bench/bench_ppo.py [--repeats 3] [--skip-seeds] [--steps-per-call 244]
 """
@@ -331,16 +332,17 @@ def main(argv: list[str]) -> int:
     steps = cfg.num_updates * cfg.batch_size
     K = args.steps_per_call
     rows = [("baseline (one jit, PureJaxRL-style)", bc, "baseline"), ("ours: Loop + ppo_step, 1 update/call", oc, "ours"),
-            ("ours: Loop steps_per_call=61", fc, "fused"), (f"ours: Loop steps_per_call={K}", Fc, "fused_big"),
+            ("ours: Loop steps_per_call=61 (rlab demo)", fc, "fused"),
+            (f"ours: Loop steps_per_call={K}", Fc, "fused_big"),
             ("(reference) ppo_step in one jit, no Loop", kc, "kernel")]
     sps = {}
     for label, comp, key in rows:
         dt, rets = best[key]
         sps[key] = steps / dt
-        print(f"{label:<40}: compile {comp:5.2f} s, 5e5 steps in {dt:5.2f} s = {sps[key]:>9,.0f} env steps/s, "
+        print(f"{label:<42}: compile {comp:5.2f} s, 5e5 steps in {dt:5.2f} s = {sps[key]:>9,.0f} env steps/s, "
               f"final return {float(np.nanmean(rets[-3:])):.1f}")
     print(f"throughput ratio ours/baseline: {sps['ours'] / sps['baseline']:.3f} (1 update per call), "
-          f"{sps['fused'] / sps['baseline']:.3f} (steps_per_call=61), {sps['fused_big'] / sps['baseline']:.3f} "
+          f"{sps['fused'] / sps['baseline']:.3f} (steps_per_call=61, rlab demo), {sps['fused_big'] / sps['baseline']:.3f} "
           f"(steps_per_call={K}); target >= 1 "
           f"(kernel alone in one jit: {sps['kernel'] / sps['baseline']:.3f})")
     if max(sps["ours"], sps["fused"], sps["fused_big"]) < sps["baseline"]:

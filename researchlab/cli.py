@@ -133,9 +133,9 @@ class _DemoProgress(Telemetry):
             self.bar.close()
 
 
-def _steps_per_call(num_updates: int, log_every: int) -> int:
-    "The largest divisor of `num_updates` that is at most `log_every`: updates fused per compiled call."
-    return max(k for k in range(1, min(num_updates, log_every) + 1) if num_updates % k == 0)
+def _steps_per_call(num_updates: int, cap: int = 64) -> int:
+    "The largest divisor of `num_updates` that is at most `cap`: updates fused per compiled call."
+    return max(k for k in range(1, min(num_updates, cap) + 1) if num_updates % k == 0)
 
 
 class _Interrupted(KeyboardInterrupt):
@@ -158,7 +158,7 @@ def run_demo(cli: DemoCLIConfig, resume: str | None = None, progress: bool = Tru
                 telemetry = MultiTelemetry(telemetry, bar)
             common = dict(telemetry=telemetry, log_every=cli.log_every, save_every=cli.save_every,
                           progress=False, log_config=False,
-                          steps_per_call=_steps_per_call(config.num_updates, cli.log_every))
+                          steps_per_call=_steps_per_call(config.num_updates))
             if resume:
                 loop = Loop.resume(ckpt, ppo_step, NoBatch(), like=init_ppo(config), config=PPOConfig,
                                    persister=EquinoxPersister(), **common)
