@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .cartpole_render import record_episode
 from .design.core import Config
 from .design.infra import EquinoxPersister, MLFlowTelemetry, MultiTelemetry, NoBatch, Telemetry
+from .design.infra import _main as upload_main
 from .design.loop import Loop
 from .ppo import PPOConfig, init_ppo, ppo_step
 from .tracking.tracker import ExperimentTracker
@@ -205,13 +206,17 @@ _TRAINING_KEYS = {"seed", "total_steps", "num_envs", "lr"}  # the options build_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    "`rlab` console script: `rlab demo [key=value ...] [--resume RUN_ID] [--help]`."
+    "`rlab` console script: `rlab demo [key=value ...] [--resume RUN_ID] [--help]`, `rlab upload SPOOL...`."
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print("usage: rlab demo [key=value ...] [--resume RUN_ID]   (rlab demo --help for the options)")
+        print("usage: rlab demo [key=value ...] [--resume RUN_ID]   (rlab demo --help for the options)\n"
+              "       rlab upload SPOOL... [--tracking-uri URI]     (send what a run spooled while MLflow was down)")
         return 0 if args else 2
+    if args[0] == "upload":
+        return upload_main(args)
     if args[0] != "demo":
-        print(f"rlab: unknown command {args[0]!r}; the command is `rlab demo` (see rlab demo --help)", file=sys.stderr)
+        print(f"rlab: unknown command {args[0]!r}; the commands are `rlab demo` (see rlab demo --help) and "
+              f"`rlab upload SPOOL`", file=sys.stderr)
         return 2
     args = args[1:]
     if "-h" in args or "--help" in args:

@@ -173,7 +173,7 @@ def test_server_outage_mid_run_and_at_close(fresh_mlflow_server, tmp_path: Path,
         assert spool is not None and spool.is_file()
         err = capfd.readouterr().err
         line = [ln for ln in err.splitlines() if str(spool) in ln]
-        assert len(line) == 1 and "101 points" in line[0] and "upload_spool" in line[0]
+        assert len(line) == 1 and "101 points" in line[0] and f"rlab upload {spool}" in line[0]
         fresh_mlflow_server.start()
         for t in range(200, 300):
             tel.log_metrics({"x": t}, step=t)
@@ -197,6 +197,17 @@ def test_upload_of_a_missing_or_bad_spool_is_a_clear_error(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         upload_spool(bad)
     assert _main(["upload", str(tmp_path / "nope.jsonl")]) == 1
+
+
+def test_rlab_upload_is_the_shell_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    "`rlab upload` (the console script) runs the same upload; a missing file is named, exit status 1."
+    from researchlab.cli import main
+
+    assert main(["upload", str(tmp_path / "nope.jsonl")]) == 1
+    assert f"{tmp_path / 'nope.jsonl'}: upload_spool: no spool file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse: usage on stderr, status 2
+        main(["upload"])
+    assert exc.value.code == 2 and "usage: rlab upload" in capsys.readouterr().err
 
 
 def test_points_are_flushed_at_interpreter_exit(mlflow_server, tmp_path: Path) -> None:

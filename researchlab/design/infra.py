@@ -12,6 +12,7 @@ import numbers
 import os
 import queue
 import re
+import shlex
 import sys
 import tempfile
 import threading
@@ -858,8 +859,8 @@ class _Sender:
             _spool_write(path, self.tracking_uri, self.run_id, leftover, note=str(self.last_error)[:300])
         what = f"{leftover.points + self.spilled} points" + (" and the end of the run" if leftover.end else "")
         print(f"MLFlowTelemetry: {what} for run {self.run_id} could not be sent to "
-              f"{self.tracking_uri}; saved to {path}; upload them with: python -c \"import researchlab; "
-              f"researchlab.upload_spool({str(path)!r})\"", file=sys.stderr)
+              f"{self.tracking_uri}; saved to {path}; upload them with: rlab upload {shlex.quote(str(path))} "
+              f"(or researchlab.upload_spool(path) in Python)", file=sys.stderr)
         return path
 
 # %% ../../nbs/02_infra.ipynb #2ccc62f2
@@ -1003,9 +1004,9 @@ class MultiTelemetry(Telemetry[S, C]):
 
 # %% ../../nbs/02_infra.ipynb #8a5057e9
 def _main(argv: list[str]) -> int:
-    "Command line: `python -m researchlab.design.infra upload SPOOL [--tracking-uri URI]`."
+    "Command line: `rlab upload SPOOL... [--tracking-uri URI]` (`argv` starts with `upload`)."
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m researchlab.design.infra")
+    parser = argparse.ArgumentParser(prog="rlab")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upload", help="send the points of MLFlowTelemetry spool files to MLflow")
     up.add_argument("spool", nargs="+", type=Path)
@@ -1018,8 +1019,3 @@ def _main(argv: list[str]) -> int:
             print(f"{path}: {e}", file=sys.stderr)
             return 1
     return 0
-
-# %% ../../nbs/02_infra.ipynb #b7636433
-#| eval: false
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
