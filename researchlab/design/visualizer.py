@@ -134,14 +134,11 @@ class VideoRecorder:
 
     def log_to_mlflow(self, artifact_path: str = "videos", run_id: str | None = None) -> str:
         "Log the file as an artifact of the active MLflow run (or `run_id`); returns the artifact URI."
-        import mlflow
+        import mlflow  # imported here: the design layer does not need MLflow to import
+
+        from researchlab.tracking.utils import active_run_id
         path = self.close()
-        if run_id is None:
-            run = mlflow.active_run()
-            if run is None:
-                raise RuntimeError("VideoRecorder.log_to_mlflow: no active MLflow run; start one with "
-                                   "mlflow.start_run() or pass run_id=...")
-            run_id = run.info.run_id
+        run_id = active_run_id(run_id, "VideoRecorder.log_to_mlflow")
         mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
         return f"{mlflow.get_run(run_id).info.artifact_uri}/{artifact_path}/{path.name}"
 

@@ -27,7 +27,7 @@ from ..design.utils import flatten_config
 
 # %% auto #0
 __all__ = ['GitStateWarning', 'GitState', 'patch_bytes', 'strip_url_credentials', 'get_git_state', 'find_run_by_rlab_id',
-           'generate_run_id', 'sanitize_param_key', 'log_flattened_params']
+           'active_run_id', 'generate_run_id', 'sanitize_param_key', 'log_flattened_params']
 
 # %% ../../nbs/10_tracking_utils.ipynb #21eff6b1
 class GitStateWarning(UserWarning):
@@ -253,6 +253,19 @@ def find_run_by_rlab_id(run_id: str,  # the readable id, e.g. "2026-02-15_radian
     return runs[0] if runs else None
 
 
+def active_run_id(run_id: str | None = None,  # an MLflow run id; None: the active run's
+                  where: str = "active_run_id",  # the caller, named in the error
+                  ) -> str:
+    "`run_id` when given, else the id of the active MLflow run; a clear error when there is neither."
+    if run_id is not None:
+        return run_id
+    active = mlflow.active_run()
+    if active is None:
+        raise RuntimeError(f"{where}: no active MLflow run; start one (ExperimentTracker, %rlab_start or "
+                           "mlflow.start_run()) or pass run_id=...")
+    return active.info.run_id
+
+
 def generate_run_id(client: MlflowClient | None = None,  # checked for collisions; defaults to the current tracking URI
                     experiment_ids: Sequence[str] | None = None,  # defaults to all experiments, deleted included
                     day: _date | None = None,  # defaults to today (local time)
@@ -313,12 +326,7 @@ def log_flattened_params(d: Mapping[str, object] | Config,  # nested params, or 
                           f"MLflow's limit of {_MAX_PARAM_VALUE}", stacklevel=2)
             text = text[:_MAX_PARAM_VALUE]
         origin[clean], params[clean] = key, text
-    if run_id is None:
-        active = mlflow.active_run()
-        if active is None:
-            raise RuntimeError("log_flattened_params: no active MLflow run; start one (ExperimentTracker or "
-                               "mlflow.start_run()) or pass run_id=")
-        run_id = active.info.run_id
+    run_id = active_run_id(run_id, "log_flattened_params")
     client = client or MlflowClient()
     items = list(params.items())
     for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
