@@ -97,3 +97,20 @@ def fresh_mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
 def sqlite_uri(tmp_path: Path) -> str:
     "An embedded sqlite tracking store in a temp folder."
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# ---- git in isolation ----------------------------------------------------------------------------
+@pytest.fixture
+def isolated_git(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    "Identity and config for git in one test (environment variables; the user's and system config are unread)."
+    for name in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{name}_NAME", "Test")
+        monkeypatch.setenv(f"GIT_{name}_EMAIL", "test@example.com")
+    empty = tmp_path / "empty.gitconfig"
+    empty.write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    # local submodules need the file transport, which git >= 2.38.1 refuses by default
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", "protocol.file.allow")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", "always")

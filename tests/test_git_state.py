@@ -14,21 +14,7 @@ import pytest
 
 from researchlab.tracking.utils import GitState, GitStateWarning, get_git_state, patch_bytes
 
-
-@pytest.fixture(autouse=True)
-def git_identity(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    "Identity and config for git in these tests only (environment variables, never the global config)."
-    for name in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{name}_NAME", "Test")
-        monkeypatch.setenv(f"GIT_{name}_EMAIL", "test@example.com")
-    empty = tmp_path / "empty.gitconfig"
-    empty.write_text("")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(empty))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    # local submodules need the file transport, which git >= 2.38.1 refuses by default
-    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
-    monkeypatch.setenv("GIT_CONFIG_KEY_0", "protocol.file.allow")
-    monkeypatch.setenv("GIT_CONFIG_VALUE_0", "always")
+pytestmark = pytest.mark.usefixtures("isolated_git")  # conftest: git identity and config for these tests only
 
 
 def git(repo: Path, *args: str, input: bytes | None = None) -> bytes:

@@ -31,14 +31,8 @@ from researchlab.tracking.utils import (
 
 
 @pytest.fixture(autouse=True)
-def clean_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    "Git identity via env vars; no MLflow run or tracking URI leaks from one test into the next."
-    for name in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{name}_NAME", "Test")
-        monkeypatch.setenv(f"GIT_{name}_EMAIL", "test@example.com")
-    gitconfig = tmp_path / "empty.gitconfig"
-    gitconfig.write_text("")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(gitconfig))
+def clean_mlflow(monkeypatch: pytest.MonkeyPatch, isolated_git: None) -> Iterator[None]:
+    "Git identity via env vars (conftest); no MLflow run or tracking URI leaks from one test into the next."
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored by monkeypatch after the test
     mlflow.set_tracking_uri(None)
     yield
