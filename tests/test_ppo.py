@@ -3,6 +3,7 @@ Loop and a real checkpoint, and clear errors for bad input."""
 
 from pathlib import Path
 
+import equinox as eqx
 import gymnax
 import imageio.v3 as iio
 import jax
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 from researchlab.cartpole_render import CartPoleVisualizer, record_episode, render_cartpole, render_frames
 from researchlab.design.infra import EquinoxPersister, NoBatch
 from researchlab.design.loop import Loop
-from researchlab.ppo import PPOConfig, init_ppo, make_ppo_env, ppo_step, rollout_episode
+from researchlab.ppo import PPOConfig, collect_rollout, init_ppo, make_ppo_env, ppo_step, rollout_episode
 
 SMALL = PPOConfig(num_envs=2, num_steps=32, total_steps=4096, hidden=16)
 
@@ -29,6 +30,23 @@ def test_ppo_learns_cartpole_in_60_updates():
     r = np.asarray(jnp.stack(returns))
     assert r[:10].mean() < 60 and r[-10:].mean() > 150, r
     assert int(state.clock.step) == 60 and int(state.clock.episode) > 100
+
+
+def test_rollout_samples_actions_from_the_policy():
+    "argmax(logits + Gumbel noise), drawn outside the scan, samples softmax(logits): a fixed 25/75 policy, 8192 draws."
+    cfg = PPOConfig(num_envs=64, num_steps=128, hidden=16)
+    state = init_ppo(cfg)
+    head = state.model.actor[-1]
+    fixed = eqx.tree_at(lambda h: (h.weight_I_O, h.bias_O), head,
+                        (jnp.zeros_like(head.weight_I_O), jnp.log(jnp.array([1.0, 3.0]))))
+    state = eqx.tree_at(lambda s: s.model.actor[-1], state, fixed)
+    _, traj = jax.jit(collect_rollout, static_argnums=1)(state, cfg)
+    assert abs(float(traj.action.mean()) - 0.75) < 0.02  # std of the mean: 0.005
+    np.testing.assert_allclose(np.asarray(traj.logprob), np.where(np.asarray(traj.action) == 1, np.log(0.75),
+                                                                  np.log(0.25)), atol=1e-5)
+    # every (step, env) drew its own noise: the actions are not constant along either axis
+    a = np.asarray(traj.action)
+    assert a.std(axis=0).min() > 0 and a.std(axis=1).min() > 0
 
 
 def test_loop_resume_from_checkpoint_is_exact(tmp_path: Path):
