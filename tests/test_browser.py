@@ -147,7 +147,8 @@ def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> N
             page.locator("button.run-button").click()  # N = 40
             expect(page.locator(".loop-status")).to_contain_text(f"done at step {stopped + 41}", timeout=60_000)
             expect(counter).to_have_value(str(stopped + 41))
-            assert page.locator("img.loop-plot").evaluate("img => img.naturalWidth") > 0
+            # the plot's new PNG is decoded asynchronously after the status text changes: wait for it
+            page.wait_for_function("() => document.querySelector('img.loop-plot')?.naturalWidth > 0", timeout=30_000)
 
             page.locator(".run-steps input").fill("100000")
             page.locator(".run-steps input").press("Enter")
