@@ -157,8 +157,9 @@ def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> N
             page.wait_for_timeout(1500)
             page.locator("button.stop-button").click()
             expect(page.locator(".loop-status")).to_contain_text("paused at step", timeout=60_000)
-            paused = int(counter.input_value())
+            paused = int(re.search(r"paused at step (\d+)", page.locator(".loop-status").inner_text()).group(1))
             assert stopped + 41 < paused < stopped + 100_041
+            expect(counter).to_have_value(str(paused))  # the counter's last refresh follows the status text
             expect(page.locator("button.run-button")).to_be_enabled()
         finally:
             browser.close()
