@@ -154,6 +154,32 @@ def test_many_and_long_params_within_mlflow_limits(mlflow_server, repo: Path) ->
     assert len(stored) == 252 and len(stored["notes"]) == 6000 and stored["odd key_"] == "1"
 
 
+
+def test_tracker_and_loop_telemetry_log_the_same_param_strings(sqlite_uri: str, repo: Path, tmp_path: Path) -> None:
+    """A Config logged by the tracker and again by MLFlowTelemetry (a Loop's log_config) is accepted by MLflow,
+    which refuses a param whose value changes: lists of strings, nested Configs and long values included."""
+    from researchlab.design.infra import MLFlowTelemetry
+
+    class Env(Config):
+        names: tuple[str, ...] = ("CartPole-v1", "Acrobot-v1")
+
+    class Run(Config):
+        env: Env = Env()
+        notes: str = "x" * 7000
+        flags: tuple[bool, ...] = (True, False)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ExperimentTracker("same", tracking_uri=sqlite_uri, repo_path=repo, config=Run()) as tracker:
+            telemetry = MLFlowTelemetry(run_id=tracker.run_id, tracking_uri=tracker.tracking_uri,
+                                        spool_dir=tmp_path / "spool")
+            telemetry.log_params(Run())
+            assert telemetry.close() is None  # nothing rejected, nothing spooled
+    assert not [w for w in caught if "rejected" in str(w.message)], [str(w.message) for w in caught]
+    params = MlflowClient(sqlite_uri).get_run(tracker.run_id).data.params
+    assert params["env.names"] == '["CartPole-v1", "Acrobot-v1"]' and params["flags"] == "[true, false]"
+    assert len(params["notes"]) == 6000 and params["notes"].endswith("...[truncated]")
+
 # ---- ending: FAILED, KILLED, never left active ------------------------------------------------------------
 
 def test_exception_fails_the_run_and_propagates(uri: str, repo: Path) -> None:

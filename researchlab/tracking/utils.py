@@ -23,7 +23,7 @@ from mlflow.entities import Param, Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from ..design.core import Config
-from ..design.utils import flatten_config
+from ..design.infra import _MAX_KEY, _flatten_params, _param_value
 
 # %% auto #0
 __all__ = ['GitStateWarning', 'GitState', 'patch_bytes', 'strip_url_credentials', 'get_git_state', 'find_run_by_rlab_id',
@@ -284,7 +284,7 @@ def generate_run_id(client: MlflowClient | None = None,  # checked for collision
     raise RuntimeError(f"generate_run_id: no free run id for {prefix} after 64 attempts; pass run_name explicitly")
 
 # %% ../../nbs/10_tracking_utils.ipynb #d4f123bb
-_MAX_PARAMS_PER_BATCH, _MAX_PARAM_VALUE, _MAX_KEY = 100, 6000, 250
+_MAX_PARAMS_PER_BATCH = 100
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 
@@ -294,38 +294,20 @@ def sanitize_param_key(key: str) -> str:
     return "/".join(parts)[:_MAX_KEY] or "_"
 
 
-def _flatten_mapping(d: Mapping[str, object], prefix: str) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in d.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Config):
-            value = value.model_dump(mode="json")
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten_mapping(value, name))
-        else:
-            out[name] = value
-    return out
-
-
 def log_flattened_params(d: Mapping[str, object] | Config,  # nested params, or a Config
                          prefix: str = "",  # prepended to every key as `prefix.key`
                          run_id: str | None = None,  # defaults to the active run
                          client: MlflowClient | None = None,  # defaults to the current tracking URI
                          ) -> dict[str, str]:
     "Log `d` flattened to dotted keys as MLflow params (batches of 100, long values truncated); returns what was logged."
-    flat = flatten_config(d, prefix) if isinstance(d, Config) else _flatten_mapping(d, prefix)
     params: dict[str, str] = {}
     origin: dict[str, str] = {}
-    for key, value in flat.items():
-        clean, text = sanitize_param_key(key), str(value)
+    for key, value in _flatten_params(d, prefix).items():  # the flattening and value strings MLFlowTelemetry uses
+        clean = sanitize_param_key(key)
         if clean in origin:
             raise ValueError(f"log_flattened_params: keys {origin[clean]!r} and {key!r} both become {clean!r} "
                              "after sanitizing for MLflow; rename one of them")
-        if len(text) > _MAX_PARAM_VALUE:
-            warnings.warn(f"log_flattened_params: value of {key!r} has {len(text)} characters; truncated to "
-                          f"MLflow's limit of {_MAX_PARAM_VALUE}", stacklevel=2)
-            text = text[:_MAX_PARAM_VALUE]
-        origin[clean], params[clean] = key, text
+        origin[clean], params[clean] = key, _param_value(key, value)
     run_id = active_run_id(run_id, "log_flattened_params")
     client = client or MlflowClient()
     items = list(params.items())
