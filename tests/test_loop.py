@@ -582,7 +582,7 @@ def test_widget_buttons_drive_the_same_loop() -> None:
     time.sleep(0.3)
     stop_b.click()
     deadline = time.monotonic() + 60
-    while loop._busy.locked() and time.monotonic() < deadline:
+    while (loop._busy.locked() or run_b.disabled) and time.monotonic() < deadline:  # the buttons come back last
         time.sleep(0.05)
     assert 31 < loop.step_count < 10_031 and "paused" in status.value
     assert counter.value == loop.step_count and not run_b.disabled and stop_b.disabled

@@ -346,18 +346,19 @@ def _build_widget(loop: Loop, metrics: Sequence[str] | None = None, num_steps: i
         refresh(force=True)
 
     def work(n: int) -> None:
-        failed = True
+        failed, message = True, ""
         try:
             status.value = f"running {n} steps"
             _drive(loop, n, lambda k: refresh())
-            status.value = f"{'paused' if loop._stop_requested else 'done'} at step {loop.step_count}"
+            message = f"{'paused' if loop._stop_requested else 'done'} at step {loop.step_count}"
             failed = False
         except Exception as e:  # shown in the widget, which has no cell to raise into
-            status.value = f"error: {type(e).__name__}: {e}"
+            message = f"error: {type(e).__name__}: {e}"
         finally:
             _finish(loop, checkpoint=not failed)
-            busy(False)
             refresh(force=True)
+            status.value = message  # after the refresh: when it says done, counter and plot show the last step
+            busy(False)  # the buttons come back last
 
     def on_run(_: object) -> None:
         try:
