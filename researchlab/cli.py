@@ -39,9 +39,12 @@ class DemoCLIConfig(Config):
     video: bool = Field(True, description="record an episode of the trained policy as mp4")
 
 
+_TRAINING_KEYS = frozenset(DemoCLIConfig.model_fields) & frozenset(PPOConfig.model_fields)  # seed, total_steps, ...
+
+
 def build_config(cli: DemoCLIConfig) -> PPOConfig:
-    "The full `PPOConfig` for `cli`: PureJaxRL's CartPole defaults with the CLI's overrides."
-    return PPOConfig(seed=cli.seed, total_steps=cli.total_steps, num_envs=cli.num_envs, lr=cli.lr)
+    "The full `PPOConfig` for `cli`: PureJaxRL's CartPole defaults with the CLI's training options on top."
+    return PPOConfig(**{k: getattr(cli, k) for k in _TRAINING_KEYS})
 
 # %% ../nbs/31_cli.ipynb #54a259d8
 class CLIError(ValueError):
@@ -200,9 +203,6 @@ def _summary(res: dict[str, object], cli: DemoCLIConfig) -> str:
     lines.append(f"checkpoints:  {res['checkpoint_dir']}")
     lines.append(f"browse it:    mlflow ui --backend-store-uri {uri}")
     return "\n".join(lines)
-
-
-_TRAINING_KEYS = {"seed", "total_steps", "num_envs", "lr"}  # the options build_config passes to PPOConfig
 
 
 def main(argv: Sequence[str] | None = None) -> int:
