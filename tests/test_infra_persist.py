@@ -14,20 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _configs import Cfg, Optim
 
 import researchlab
 from researchlab.design.core import Clock, Config, State
 from researchlab.design.infra import CheckpointManager, EquinoxPersister, OrbaxPersister
-
-
-class Optim(Config):
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-
-
-class Cfg(Config):
-    seed: int = 0
-    optim: Optim = Optim()
 
 
 class Layer(eqx.Module):

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import mlflow
 import numpy as np
 import pytest
+from _configs import Cfg
 from mlflow import MlflowClient
 
-from researchlab.design.core import Config
 from researchlab.design.infra import (
     ConsoleTelemetry,
     MLFlowTelemetry,
@@ -26,16 +26,6 @@ from researchlab.design.infra import (
     _main,
     upload_spool,
 )
-
-
-class Optim(Config):
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-
-
-class Cfg(Config):
-    seed: int = 0
-    optim: Optim = Optim()
 
 
 @pytest.fixture(scope="module")
