@@ -29,11 +29,10 @@ def _run_cell_body(shell: InteractiveShell, cell: str) -> object:
     last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
     flags = shell.compile.flags
     exec(compile(tree, filename, "exec", flags=flags, dont_inherit=True), shell.user_ns)
-    if last is None or code.rstrip().endswith(";"):  # a trailing `;` hides the value, as in a normal cell
-        if last is not None:
-            eval(compile(ast.Expression(last.value), filename, "eval", flags=flags, dont_inherit=True), shell.user_ns)
+    if last is None:
         return None
-    return eval(compile(ast.Expression(last.value), filename, "eval", flags=flags, dont_inherit=True), shell.user_ns)
+    value = eval(compile(ast.Expression(last.value), filename, "eval", flags=flags, dont_inherit=True), shell.user_ns)
+    return None if code.rstrip().endswith(";") else value  # a trailing `;` hides the value, as in a normal cell
 
 
 def _config_arg(shell: InteractiveShell, value: str | None) -> str | Config | Mapping[str, object] | None:
