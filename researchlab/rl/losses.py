@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .advantages import _check_nonempty, _check_same_shape, _float_dtype, _masked_means, _shape_error
+from .advantages import normalize_advantages as _normalize_advantages  # the argument has its name
 from .kl import KLEstimator, KLFn, compute_per_token_kl
 
 # %% auto #0
@@ -109,8 +110,7 @@ def compute_ppo_loss(
     mean = lambda x: jnp.where(m > 0, x, 0.0).sum() / n
     adv = advantages.astype(dtype)
     if normalize_advantages:
-        mu = mean(adv)
-        adv = (adv - mu) / (jnp.sqrt(mean(jnp.square(adv - mu))) + 1e-8)
+        adv = _normalize_advantages(adv, m)
     per_sample, stats = _clipped_surrogate(logprobs, old_logprobs, adv, m, clip_eps, clip_eps)
     policy_loss = per_sample.sum() / n
     value_err = jnp.square(values - targets)
