@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from typing_extensions import Self
 
 from researchlab.tracking.utils import (
+    _RLAB_ID_TAG,
     GitState,
     _runs_with_rlab_id,
     find_run_by_rlab_id,
@@ -185,7 +186,7 @@ def _settle_run_id(client: MlflowClient, run_id: str, rlab_id: str, attempts: in
         if first is None or first.info.run_id == run_id:
             return rlab_id
         rlab_id = generate_run_id(client)
-        client.set_tag(run_id, "rlab.run_id", rlab_id)
+        client.set_tag(run_id, _RLAB_ID_TAG, rlab_id)
         client.update_run(run_id, name=rlab_id)
     raise RuntimeError(f"ExperimentTracker: run {run_id} found its generated id taken {attempts} times; "
                        "pass run_name explicitly")
@@ -257,7 +258,7 @@ class ExperimentTracker:
         self._notebook_mtime = self.notebook_path.stat().st_mtime_ns if self.notebook_path else None
         generated = self.run_name is None
         self.run_name = self.run_name or generate_run_id(self.client)
-        tags = {"rlab.run_id": self.run_name, **_git_tags(self.git_state, existing is not None), **self.tags}
+        tags = {_RLAB_ID_TAG: self.run_name, **_git_tags(self.git_state, existing is not None), **self.tags}
         if self.notebook_path is not None:
             tags["rlab.notebook"] = _tag(str(self.notebook_path))
         mlflow.set_tracking_uri(self.tracking_uri)
