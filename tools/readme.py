@@ -6,6 +6,7 @@ compares README.md with this output, so the README can never drift from the note
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def render(nb_path: Path) -> str:
     for cell in nb["cells"]:
         src = "".join(cell["source"])
         if cell["cell_type"] == "markdown":
-            parts.append(src.strip())
+            # links between notebooks point into nbs/ from the README at the repository root
+            parts.append(re.sub(r"\]\((?!https?:|/|#)([\w./-]+\.ipynb)\)", r"](nbs/\1)", src.strip()))
         elif cell["cell_type"] == "code":
             flags = _directives(src)
             if "hide" in flags or "exporti" in flags:
