@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export JAX_PLATFORMS ?= cpu
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean browser-deps
+.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean browser-deps quarto docs docs-serve
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/rlab demo
 
-test: check browser-deps nbtest pytest
+test: check browser-deps quarto nbtest pytest
 
 check: install sync-check lint
 
@@ -48,6 +48,23 @@ browser-deps:
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium install failed: the browser test will skip"; \
 	fi
 
+# Quarto renders the docs site. In CI (and wherever the project's bundled installer is beside the checkout)
+# it is installed into the project-local .cache/quarto, so `make test` can build and check the site;
+# elsewhere get it from quarto.org (tools/docs.py says how) and the site test skips, saying why.
+QUARTO_INSTALLER ?= ../shared/tools/quarto/install.sh
+quarto:
+	@if command -v quarto >/dev/null 2>&1 || [ -x .cache/quarto/bin/quarto ]; then :; \
+	elif [ -f $(QUARTO_INSTALLER) ]; then echo "installing quarto into .cache/quarto"; \
+	  bash $(QUARTO_INSTALLER) .cache/quarto >/dev/null || echo "quarto install failed: the docs site test will skip"; \
+	else echo "no quarto and no installer at $(QUARTO_INSTALLER): the docs site test will skip"; fi
+
+docs: install
+	$(BIN)/python tools/docs.py
+
+docs-serve: docs
+	@echo "serving _docs on http://127.0.0.1:8000 (Ctrl-C stops)"
+	$(BIN)/python -m http.server --directory _docs --bind 127.0.0.1 8000
+
 lab: install
 	$(BIN)/jupyter lab nbs
 
@@ -55,4 +72,4 @@ bench: install
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) _proc _docs .pytest_cache .hypothesis
+	rm -rf $(VENV) _proc _docs .pytest_cache .hypothesis .cache
