@@ -40,6 +40,7 @@ def main() -> int:
         return 1
     env = dict(os.environ, PATH=f"{quarto.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     bin_dir = Path(sys.executable).parent
+    shutil.rmtree(ROOT / "_proc", ignore_errors=True)  # nbdev's cache misses changes outside the notebooks
     subprocess.run([str(bin_dir / "nbdev_proc_nbs")], cwd=ROOT, env=env, check=True)
     subprocess.run([str(quarto), "render", "--no-cache"], cwd=ROOT / "_proc", env=env, check=True)
     shutil.rmtree(ROOT / "_docs", ignore_errors=True)
