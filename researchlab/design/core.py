@@ -8,27 +8,68 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Generic, ParamSpec, Protocol, TypeVar
+from types import UnionType
+from typing import Generic, ParamSpec, Protocol, TypeVar, Union, get_args, get_origin
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from typing_extensions import Self
 
 # %% auto #0
-__all__ = ['S', 'C', 'Extractor', 'Config', 'State', 'Clock', 'is_typed_key', 'next_key', 'next_keys', 'take_key', 'Kernel',
-           'SelectedKernel', 'Selector', 'SelectorPathError', 'FieldSelector']
+__all__ = ['S', 'C', 'Extractor', 'ConfigFileError', 'Config', 'State', 'Clock', 'is_typed_key', 'next_key', 'next_keys',
+           'take_key', 'Kernel', 'SelectedKernel', 'Selector', 'SelectorPathError', 'FieldSelector']
+
+# %% ../../nbs/00_core.ipynb #57f88415
+class ConfigFileError(ValueError):
+    "A config file (or string) that cannot become a `Config`: the message names the file, the line and the key."
+
+
+def _no_duplicate_keys(where: str) -> Callable[[list[tuple[str, object]]], dict[str, object]]:
+    "A `json.loads` object hook that refuses duplicate keys."
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in pairs:
+            if k in out:
+                raise ConfigFileError(f"{where}: duplicate key {k!r}; each field may be given once")
+            out[k] = v
+        return out
+    return hook
+
+
+class _StrictYAML(yaml.SafeLoader):
+    "A safe YAML loader that refuses duplicate keys and remembers the line of every key (by path)."
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigFileError(f"{self.where}, line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                                      f"(first given on line {seen[key]}); each field may be given once")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_lines(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, int]:
+    "Line (1-based) of every mapping key below `node`, by key path."
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            out[path + (k.value,)] = k.start_mark.line + 1
+            out |= _yaml_lines(v, path + (k.value,))
+    return out
 
 # %% ../../nbs/00_core.ipynb #ad696c52
-def _text_or_path(src: str | Path, suffixes: tuple[str, ...]) -> str:
-    "Read `src` when it is a `Path` or names a file (by suffix or existence); otherwise it is the text itself."
+def _text_or_path(src: str | Path, suffixes: tuple[str, ...]) -> tuple[str, str]:
+    "`(text, where)`: read `src` when it is a `Path` or names a file (by suffix or existence), else it is the text."
     if isinstance(src, Path):
-        return src.read_text()
+        return src.read_text(), str(src)
     if "\n" not in src and (src.lower().endswith(suffixes) or Path(src).is_file()):
-        return Path(src).read_text()
-    return src
+        return Path(src).read_text(), src
+    return src, "<string>"
 
 
 def _write(text: str, path: str | Path | None) -> str:
@@ -41,6 +82,18 @@ class Config(BaseModel):
     "Base class for immutable, validated, hashable hyper-parameters."
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True,
                               ser_json_inf_nan="constants", arbitrary_types_allowed=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        "pydantic would turn `True` into 1 for an `int` field: refuse it, naming the field."
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in (int, float) or (get_origin(annotation) in (Union, UnionType)
+                                               and bool not in get_args(annotation)
+                                               and {int, float} & set(get_args(annotation))):
+                raise ValueError(f"got the bool {value!r} for a number; write a number (e.g. {int(value)})")
+        return value
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -62,8 +115,16 @@ class Config(BaseModel):
 
     @classmethod
     def from_json(cls, src: str | Path) -> Self:
-        "Load from a JSON file path or a JSON string."
-        return cls.model_validate_json(_text_or_path(src, (".json",)))
+        "Load from a JSON file path or a JSON string; a duplicate key is an error naming the file."
+        text, where = _text_or_path(src, (".json",))
+        try:
+            json.loads(text, object_pairs_hook=_no_duplicate_keys(where))
+        except json.JSONDecodeError as e:
+            raise ConfigFileError(f"{where}, line {e.lineno}: not valid JSON ({e.msg})") from None
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:
+            raise ConfigFileError(f"{where}: {e}") from None
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         "YAML text of this config; also written to `path` when given."
@@ -72,12 +133,32 @@ class Config(BaseModel):
 
     @classmethod
     def from_yaml(cls, src: str | Path) -> Self:
-        "Load from a YAML file path or a YAML string. The top level must be a mapping."
-        data = yaml.safe_load(_text_or_path(src, (".yaml", ".yml")))
+        "Load from a YAML file path or a YAML string (a mapping); errors name the file, the line and the key."
+        text, where = _text_or_path(src, (".yaml", ".yml"))
+        loader = _StrictYAML(text)
+        loader.where = where
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            line = f", line {mark.line + 1}" if mark is not None else ""
+            raise ConfigFileError(f"{where}{line}: not valid YAML ({e.problem or e.context})") from None
+        finally:
+            loader.dispose()
         if not isinstance(data, dict):
-            raise ValueError(f"{cls.__name__}.from_yaml: the YAML must be a mapping of field names to values, "
-                             f"got {type(data).__name__} ({str(data)[:80]!r})")
-        return cls.model_validate(data)
+            raise ConfigFileError(f"{where}: {cls.__name__}.from_yaml: the YAML must be a mapping of field names to "
+                                  f"values, got {type(data).__name__} ({str(data)[:80]!r})")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = _yaml_lines(node)
+            first = e.errors()[0]
+            loc = tuple(str(p) for p in first["loc"])
+            found = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+            at = f", line {found}" if found is not None else ""
+            raise ConfigFileError(f"{where}{at}: {'.'.join(loc) or cls.__name__}: {first['msg']} "
+                                  f"(got {first.get('input')!r})\n{e}") from None
 
     # ---- functional update ---------------------------------------------------------------------
     def replace(self, **changes: object) -> Self:
