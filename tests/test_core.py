@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from researchlab.design.core import ConfigFileError
 from researchlab import (
     Clock,
     Config,
@@ -28,6 +27,7 @@ from researchlab import (
     unflatten_config,
     unflatten_pytree,
 )
+from researchlab.design.core import ConfigFileError
 
 
 class Inner(Config):

@@ -13,6 +13,7 @@ Skipped, with the reason, only where quarto can't be had (not on PATH, no `$QUAR
 
 from __future__ import annotations
 
+import configparser
 import functools
 import html.parser
 import http.server
@@ -25,8 +26,6 @@ import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-
-import configparser
 
 import nbformat
 import pytest
