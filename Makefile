@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export JAX_PLATFORMS ?= cpu
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean browser-deps quarto docs docs-serve
+.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean browser-deps quarto docs docs-serve tutorials
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ quarto:
 	elif [ -f $(QUARTO_INSTALLER) ]; then echo "installing quarto into .cache/quarto"; \
 	  bash $(QUARTO_INSTALLER) .cache/quarto >/dev/null || echo "quarto install failed: the docs site test will skip"; \
 	else echo "no quarto and no installer at $(QUARTO_INSTALLER): the docs site test will skip"; fi
+
+# Re-run the tutorials at full budget and keep their outputs (plots, GIF preview) for the docs site.
+tutorials: install
+	$(BIN)/python tools/run_tutorials.py
+	$(BIN)/nbdev_clean
 
 docs: install
 	$(BIN)/python tools/docs.py
