@@ -60,7 +60,7 @@ class _Layout:
         return jax.tree_util.tree_unflatten(self.treedef, [next(it) if s[1] is not None else f
                                                            for s, f in zip(self.specs, self.fixed)])
 
-
+# %% ../../nbs/09_loop.ipynb #0d0957a0
 def _describe(x: object) -> str:
     if isinstance(x, tuple):
         return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
@@ -85,7 +85,7 @@ def _same(a: object, b: object) -> bool:
     except Exception:
         return False
 
-
+# %% ../../nbs/09_loop.ipynb #0574dac0
 def _check_metrics(metrics: object) -> dict[str, jax.Array]:
     if not isinstance(metrics, Mapping):
         raise TypeError(f"Loop: step_fn must return (new_state, metrics) with metrics a mapping name -> scalar; "
@@ -104,7 +104,7 @@ def _check_metrics(metrics: object) -> dict[str, jax.Array]:
         checked[name] = value
     return checked
 
-
+# %% ../../nbs/09_loop.ipynb #b42f6d4a
 def _check_output(out: object, layout: _Layout) -> tuple[object, dict[str, jax.Array]]:
     "Validate `step_fn`'s result at trace time; returns `(new_state, metrics as a dict of scalars)`."
     if not (isinstance(out, tuple) and len(out) == 2):
@@ -152,7 +152,7 @@ def _find_clock(state: object, get: Callable[[object], Clock], spec: ClockAccess
                         f"pass clock=... naming the State field that holds the Clock")
     return clock
 
-
+# %% ../../nbs/09_loop.ipynb #e7f1f535
 def _split_state(state: object, copy: bool = False) -> tuple[list[jax.Array], _Layout]:
     "The array leaves of `state`, strongly typed (copied when `copy`), and its `_Layout`."
     path_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
@@ -431,7 +431,7 @@ def _start(self: Loop, where: str) -> None:
             raise
         self._params_logged = True
 
-
+# %% ../../nbs/09_loop.ipynb #f810f1d5
 @patch
 def _drive(self: Loop, num_steps: int, after: Callable[[int], None] | None = None) -> int:
     "The body of `run`: `num_steps` steps in fused calls where possible; returns the steps done."
@@ -447,7 +447,7 @@ def _drive(self: Loop, num_steps: int, after: Callable[[int], None] | None = Non
         self.interrupted = True
     return done
 
-
+# %% ../../nbs/09_loop.ipynb #2f161ae9
 @patch
 def _finish(self: Loop, checkpoint: bool = True) -> None:
     "End of a run: fetch pending metrics, flush telemetry, final checkpoint; always releases the loop."
@@ -512,7 +512,7 @@ def step(self: Loop) -> dict[str, float]:  # the step's metrics as Python number
         self._finish(checkpoint=False)
     return {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
 
-
+# %% ../../nbs/09_loop.ipynb #85df509c
 @patch
 def steps(self: Loop,
           num_steps: int,  # at most this many steps; stop early by breaking out of the loop
