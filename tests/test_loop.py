@@ -278,11 +278,48 @@ def test_metrics_logged_on_clock_multiples_and_history() -> None:
     loop.run(5)
     assert [s for s, _ in tel.points] == [3, 6, 9, 12, 15]
     assert [r["step"] for r in loop.history] == [3, 6, 9, 12, 15]
-    assert tel.params == [Cfg()]  # the config is logged once, at the first run
+    assert tel.params == [{"lr": 0.01, "hidden": 8, "noise": 0.05}]  # the config, flat, logged once at the first run
     steps, loss = loop.metric("loss")
     assert steps.tolist() == [3, 6, 9, 12, 15] and loss.dtype == np.float64
     with pytest.raises(KeyError, match="'accuracy'"):
         loop.metric("accuracy")
+
+
+def test_a_telemetry_written_to_the_contract_gets_a_flat_dict_of_plain_values() -> None:
+    "`Telemetry.log_params(self, params: dict)`: the Loop flattens its Config (nested Configs to dotted keys)."
+    class Optim(Config):
+        lr: float = 3e-4
+        betas: tuple[float, float] = (0.9, 0.999)
+
+    class Nested(Config):
+        seed: int = 3
+        name: str = "reg"
+        optim: Optim = Optim()
+
+    class Strict(ListTelemetry):
+        def log_params(self, params: dict) -> None:
+            assert type(params) is dict, type(params)
+            assert all(isinstance(k, str) for k in params), params
+            assert all(isinstance(v, (int, float, str, bool, list)) for v in params.values()), params
+            self.params.append(params)
+
+    tel = Strict()
+    loop = Loop(Nested(), make_state(Cfg()), lambda s, c, b: train_step(s, Cfg(), b), make_provider(),
+                telemetry=tel, progress=False)
+    loop.run(2)
+    loop.run(2)
+    assert tel.params == [{"seed": 3, "name": "reg", "optim.lr": 3e-4, "optim.betas": [0.9, 0.999]}]
+
+
+def test_importing_the_loop_loads_no_ui_and_no_mlflow() -> None:
+    "ipywidgets, matplotlib, IPython.display and mlflow are imported by the methods that need them, not by the module."
+    code = ("import sys, types; pkg = types.ModuleType('researchlab'); pkg.__path__ = [sys.argv[1]]; "
+            "sys.modules['researchlab'] = pkg; import researchlab.design.loop, researchlab.design.orchestrator; "
+            "print(sorted(m for m in ('ipywidgets', 'matplotlib', 'IPython.display', 'mlflow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(HERE.parent / "researchlab")], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[]", r.stdout
 
 
 def test_clock_step_is_owned_by_the_loop_and_clock_accessor() -> None:
