@@ -7,7 +7,7 @@ __all__ = ['Batch', 'Scalar', 'DataProvider', 'ArrayDataProvider', 'NoBatch', 'T
            'EquinoxPersister', 'CheckpointManager', 'OrbaxPersister', 'upload_spool', 'MLFlowTelemetry',
            'ConsoleTelemetry', 'MultiTelemetry', 'Visualizer']
 
-# %% ../../nbs/07_infra.ipynb #03ed6143
+# %% ../../nbs/07_infra.ipynb #f12d80d4
 from .data import ArrayDataProvider, Batch, DataProvider, NoBatch
 from .mlflow_telemetry import MLFlowTelemetry, upload_main, upload_spool
 from .persist import CheckpointManager, EquinoxPersister, OrbaxPersister, Persister
