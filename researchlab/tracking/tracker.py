@@ -40,7 +40,8 @@ from ..design.mlflow_rules import MAX_TAG_VALUE_LENGTH, get_or_create_experiment
 __all__ = ['project_root', 'resolve_tracking_uri', 'find_notebook_path', 'ExperimentTracker']
 
 # %% ../../nbs/11_tracking_tracker.ipynb #d7764fa1
-def project_root(path: str | os.PathLike = ".") -> Path:
+def project_root(path: str | os.PathLike = ".",  # a file or folder inside the project
+                 ) -> Path:
     "The git top level containing `path`, else `path` itself (absolute)."
     try:
         with git.Repo(path, search_parent_directories=True) as repo:
@@ -51,7 +52,9 @@ def project_root(path: str | os.PathLike = ".") -> Path:
     return Path(path).resolve()
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None, repo_path: str | os.PathLike = ".") -> str:
+def resolve_tracking_uri(tracking_uri: str | None = None,  # an explicit URI, used as is
+                         repo_path: str | os.PathLike = ".",  # where to look for the project root
+                         ) -> str:
     "`tracking_uri`, else MLflow's configured URI, else `sqlite:///<project root>/mlflow.db`."
     if tracking_uri:
         return tracking_uri
@@ -187,7 +190,7 @@ def _read_config(config: str | os.PathLike | Config | Mapping[str, object]) -> t
                          f"got {type(data).__name__}")
     return data, path
 
-# %% ../../nbs/11_tracking_tracker.ipynb #0f86362b
+# %% ../../nbs/11_tracking_tracker.ipynb #8053d1eb
 class ExperimentTracker:
     "Context manager: an MLflow run with its git state, config and notebook recorded; always ended."
 
@@ -226,7 +229,7 @@ class ExperimentTracker:
         state = "active" if self.active_run else (self.status or "not started")
         return f"ExperimentTracker({self.experiment_name!r}, run_name={self.run_name!r}, {state}, uri={self.tracking_uri!r})"
 
-# %% ../../nbs/11_tracking_tracker.ipynb #86642a0f
+# %% ../../nbs/11_tracking_tracker.ipynb #301cb411
 @patch
 def __enter__(self: ExperimentTracker) -> Self:
     "Check, capture the git state, start (or resume) the run, log patch, notebook and config."
@@ -266,7 +269,7 @@ def __enter__(self: ExperimentTracker) -> Self:
         raise
     return self
 
-# %% ../../nbs/11_tracking_tracker.ipynb #c17d87c7
+# %% ../../nbs/11_tracking_tracker.ipynb #7bda4f2a
 @patch
 def __exit__(self: ExperimentTracker,
              exc_type: type[BaseException] | None,  # the exception's class, None when the body succeeded
@@ -299,7 +302,7 @@ def _end(self: ExperimentTracker, status: str) -> None:
         _relog_saved_notebook(self.client, self.run_id, self.notebook_path, self._notebook_mtime)
         _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {self.tracking_uri}")
 
-# %% ../../nbs/11_tracking_tracker.ipynb #a351c807
+# %% ../../nbs/11_tracking_tracker.ipynb #ddf8358d
 @patch
 def log_config(self: ExperimentTracker,
                config_path: str | os.PathLike | Config | Mapping[str, object],  # YAML path, Config or mapping
