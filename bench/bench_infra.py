@@ -1,4 +1,4 @@
-"""Benchmarks of researchlab.design.infra and .visualizer (issue #3); baselines measured in the same run.
+"""Benchmarks of the infrastructure (researchlab.design.mlflow_telemetry, .persist and .visualizer) (issue #3); baselines measured in the same run.
 
 1. A loop of a ~3 ms jitted step logging 10 metrics per step to a real `mlflow server` through
    `MLFlowTelemetry`: loop wall time <= 1.05x the same loop without telemetry (target). For reference it
@@ -32,7 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from researchlab.design.infra import EquinoxPersister, MLFlowTelemetry  # noqa: E402
+from researchlab.design.mlflow_telemetry import MLFlowTelemetry  # noqa: E402
+from researchlab.design.persist import EquinoxPersister  # noqa: E402
 from researchlab.design.visualizer import VideoRecorder  # noqa: E402
 
 

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from researchlab.design.infra import ArrayDataProvider  # noqa: E402
+from researchlab.design.data import ArrayDataProvider  # noqa: E402
 
 TARGET = 0.1
 

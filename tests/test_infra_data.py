@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from researchlab.design.core import Clock, State
-from researchlab.design.infra import ArrayDataProvider, DataProvider
+from researchlab.design.data import ArrayDataProvider, DataProvider
 
 
 class Run(State):
@@ -138,7 +138,7 @@ def test_every_epoch_visits_every_example_once(n: int) -> None:
 
 @pytest.mark.parametrize("n, batch_size", [(13, 4), (97, 10), (1009, 32), (5, 1)])
 def test_epoch_batches_are_disjoint_slices_of_one_permutation(n: int, batch_size: int) -> None:
-    from researchlab.design.infra import _keyed_permutation
+    from researchlab.design.data import _keyed_permutation
 
     dp = ArrayDataProvider(data(n), batch_size, seed=5)
     orders = _epoch_orders(dp, 3)
@@ -170,7 +170,7 @@ def test_order_is_deterministic_and_jit_matches_eager() -> None:
 
 
 def test_shuffle_of_a_large_dataset_is_a_permutation() -> None:
-    from researchlab.design.infra import _keyed_permutation
+    from researchlab.design.data import _keyed_permutation
 
     n = 200_000
     perm = np.asarray(jax.jit(lambda k: _keyed_permutation(jnp.arange(n), n, k))(jax.random.key(7)))

@@ -18,7 +18,7 @@ from _configs import Cfg, Optim
 
 import researchlab
 from researchlab.design.core import Clock, Config, State
-from researchlab.design.infra import CheckpointManager, EquinoxPersister, OrbaxPersister
+from researchlab.design.persist import CheckpointManager, EquinoxPersister, OrbaxPersister
 
 
 class Layer(eqx.Module):
@@ -185,7 +185,7 @@ _CHILD = textwrap.dedent("""
     pkg = types.ModuleType("researchlab"); pkg.__path__ = [sys.argv[2]]; sys.modules["researchlab"] = pkg
     import numpy as np
     from researchlab.design.core import Clock, State
-    from researchlab.design.infra import CheckpointManager
+    from researchlab.design.persist import CheckpointManager
     import jax, jax.numpy as jnp
 
     class S(State):

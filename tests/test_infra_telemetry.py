@@ -18,14 +18,8 @@ import pytest
 from _configs import Cfg
 from mlflow import MlflowClient
 
-from researchlab.design.infra import (
-    ConsoleTelemetry,
-    MLFlowTelemetry,
-    MultiTelemetry,
-    Telemetry,
-    _main,
-    upload_spool,
-)
+from researchlab.design.mlflow_telemetry import MLFlowTelemetry, upload_main, upload_spool
+from researchlab.design.telemetry import ConsoleTelemetry, MultiTelemetry, Telemetry
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +165,7 @@ def test_server_outage_mid_run_and_at_close(fresh_mlflow_server, tmp_path: Path,
     assert history(uri, tel.run_id, "x") == [(t, float(t)) for t in range(300)]
     assert MlflowClient(uri).get_run(tel.run_id).info.status == "FINISHED"
 
-    assert _main(["upload", str(spool)]) == 0
+    assert upload_main(["upload", str(spool)]) == 0
     assert not spool.exists() and spool.with_name(spool.name + ".uploaded").exists()
     assert history(uri, tel2.run_id, "y") == [(t, float(t)) for t in range(50)]
     assert len(history(uri, tel2.run_id, "z")) == 50
@@ -186,7 +180,7 @@ def test_upload_of_a_missing_or_bad_spool_is_a_clear_error(tmp_path: Path) -> No
     bad.write_text('{"m": ["x", 1.0, 0, 0]}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         upload_spool(bad)
-    assert _main(["upload", str(tmp_path / "nope.jsonl")]) == 1
+    assert upload_main(["upload", str(tmp_path / "nope.jsonl")]) == 1
 
 
 def test_rlab_upload_is_the_shell_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -203,7 +197,7 @@ def test_rlab_upload_is_the_shell_command(tmp_path: Path, capsys: pytest.Capture
 def test_points_are_flushed_at_interpreter_exit(mlflow_server, tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import sys
-        from researchlab.design.infra import MLFlowTelemetry
+        from researchlab.design.mlflow_telemetry import MLFlowTelemetry
         tel = MLFlowTelemetry(tracking_uri=sys.argv[1], experiment="atexit", spool_dir=sys.argv[2])
         print(tel.run_id, flush=True)
         for t in range(500):

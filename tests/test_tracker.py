@@ -158,7 +158,7 @@ def test_many_and_long_params_within_mlflow_limits(mlflow_server, repo: Path) ->
 def test_tracker_and_loop_telemetry_log_the_same_param_strings(sqlite_uri: str, repo: Path, tmp_path: Path) -> None:
     """A Config logged by the tracker and again by MLFlowTelemetry (a Loop's log_config) is accepted by MLflow,
     which refuses a param whose value changes: lists of strings, nested Configs and long values included."""
-    from researchlab.design.infra import MLFlowTelemetry
+    from researchlab.design.mlflow_telemetry import MLFlowTelemetry
 
     class Env(Config):
         names: tuple[str, ...] = ("CartPole-v1", "Acrobot-v1")

@@ -17,8 +17,8 @@ from types import TracebackType
 import git
 import mlflow
 import yaml
+from fastcore.basics import patch
 from mlflow.entities import Run, ViewType
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from typing_extensions import Self
 
@@ -34,12 +34,14 @@ from researchlab.tracking.utils import (
 )
 
 from ..design.core import Config
+from ..design.mlflow_rules import MAX_TAG_VALUE_LENGTH, get_or_create_experiment
 
 # %% auto #0
 __all__ = ['project_root', 'resolve_tracking_uri', 'find_notebook_path', 'ExperimentTracker']
 
 # %% ../../nbs/11_tracking_tracker.ipynb #d7764fa1
-def project_root(path: str | os.PathLike = ".") -> Path:
+def project_root(path: str | os.PathLike = ".",  # a file or folder inside the project
+                 ) -> Path:
     "The git top level containing `path`, else `path` itself (absolute)."
     try:
         with git.Repo(path, search_parent_directories=True) as repo:
@@ -50,7 +52,9 @@ def project_root(path: str | os.PathLike = ".") -> Path:
     return Path(path).resolve()
 
 
-def resolve_tracking_uri(tracking_uri: str | None = None, repo_path: str | os.PathLike = ".") -> str:
+def resolve_tracking_uri(tracking_uri: str | None = None,  # an explicit URI, used as is
+                         repo_path: str | os.PathLike = ".",  # where to look for the project root
+                         ) -> str:
     "`tracking_uri`, else MLflow's configured URI, else `sqlite:///<project root>/mlflow.db`."
     if tracking_uri:
         return tracking_uri
@@ -83,12 +87,9 @@ def find_notebook_path() -> Path | None:
     return None
 
 # %% ../../nbs/11_tracking_tracker.ipynb #67614e2a
-_TAG_MAX = 8000
-
-
 def _tag(value: object) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return text[:_TAG_MAX]
+    return text[:MAX_TAG_VALUE_LENGTH]
 
 
 def _git_tags(state: GitState | None, resumed: bool) -> dict[str, str]:
@@ -107,22 +108,6 @@ def _git_tags(state: GitState | None, resumed: bool) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v != ""}
 
 # %% ../../nbs/11_tracking_tracker.ipynb #c6cf2d6b
-def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
-    "Id of the active experiment `name`, created when missing; a deleted one is an error."
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        try:
-            return client.create_experiment(name, artifact_location=_sqlite_artifact_location(uri))
-        except MlflowException:  # created meanwhile by another process
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-    if exp.lifecycle_stage != "active":
-        raise ValueError(f"ExperimentTracker: experiment {name!r} (id {exp.experiment_id}) is deleted in {uri}; "
-                         "restore it (MlflowClient().restore_experiment) or choose another name")
-    return exp.experiment_id
-
-
 def _existing_run(client: MlflowClient, run_name: str | None, resume: bool, experiment_id: str, uri: str) -> Run | None:
     "The run to resume, None for a new one; a taken name without `resume` (or the converse) is an error."
     if run_name is None:
@@ -205,7 +190,7 @@ def _read_config(config: str | os.PathLike | Config | Mapping[str, object]) -> t
                          f"got {type(data).__name__}")
     return data, path
 
-# %% ../../nbs/11_tracking_tracker.ipynb #5fed7786
+# %% ../../nbs/11_tracking_tracker.ipynb #8053d1eb
 class ExperimentTracker:
     "Context manager: an MLflow run with its git state, config and notebook recorded; always ended."
 
@@ -244,72 +229,96 @@ class ExperimentTracker:
         state = "active" if self.active_run else (self.status or "not started")
         return f"ExperimentTracker({self.experiment_name!r}, run_name={self.run_name!r}, {state}, uri={self.tracking_uri!r})"
 
-    def __enter__(self) -> Self:
-        "Check, capture the git state, start (or resume) the run, log patch, notebook and config."
-        if self.run_id is not None:
-            raise RuntimeError(f"{self!r} was already used; an ExperimentTracker runs once, create a new one")
-        if (other := mlflow.active_run()) is not None:
-            raise RuntimeError(f"ExperimentTracker: MLflow run {other.info.run_name!r} ({other.info.run_id}) is still "
-                               "active in this thread; end it first (mlflow.end_run() or %rlab_stop)")
-        self.experiment_id = _experiment_id(self.client, self.experiment_name, self.tracking_uri)
-        existing = _existing_run(self.client, self.run_name, self.resume, self.experiment_id, self.tracking_uri)
-        self.git_state = get_git_state(self.repo_path, self.max_untracked_bytes)
-        self.notebook_path = find_notebook_path() if self.log_notebook else None
-        self._notebook_mtime = self.notebook_path.stat().st_mtime_ns if self.notebook_path else None
-        generated = self.run_name is None
-        self.run_name = self.run_name or generate_run_id(self.client)
-        tags = {_RLAB_ID_TAG: self.run_name, **_git_tags(self.git_state, existing is not None), **self.tags}
-        if self.notebook_path is not None:
-            tags["rlab.notebook"] = _tag(str(self.notebook_path))
-        mlflow.set_tracking_uri(self.tracking_uri)
-        if existing is None:
-            self.active_run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.run_name, tags=tags)
-        else:
-            self.active_run = mlflow.start_run(run_id=existing.info.run_id)
-        self.run_id = self.active_run.info.run_id
-        try:
-            if existing is not None:
-                mlflow.set_tags({**tags, "rlab.resumed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-            if generated:
-                self.run_name = _settle_run_id(self.client, self.run_id, self.run_name)
-            _log_run_files(self.git_state, self.notebook_path, resumed=existing is not None)
-            if self.config is not None:
-                self.log_config(self.config)
-        except BaseException as e:
-            self._end("FAILED" if isinstance(e, Exception) else "KILLED")
-            raise
-        return self
+# %% ../../nbs/11_tracking_tracker.ipynb #301cb411
+@patch
+def __enter__(self: ExperimentTracker) -> Self:
+    "Check, capture the git state, start (or resume) the run, log patch, notebook and config."
+    if self.run_id is not None:
+        raise RuntimeError(f"{self!r} was already used; an ExperimentTracker runs once, create a new one")
+    if (other := mlflow.active_run()) is not None:
+        raise RuntimeError(f"ExperimentTracker: MLflow run {other.info.run_name!r} ({other.info.run_id}) is still "
+                           "active in this thread; end it first (mlflow.end_run() or %rlab_stop)")
+    self.experiment_id = get_or_create_experiment(self.client, self.experiment_name,
+                                                  _sqlite_artifact_location(self.tracking_uri),
+                                                  where="ExperimentTracker")
+    existing = _existing_run(self.client, self.run_name, self.resume, self.experiment_id, self.tracking_uri)
+    self.git_state = get_git_state(self.repo_path, self.max_untracked_bytes)
+    self.notebook_path = find_notebook_path() if self.log_notebook else None
+    self._notebook_mtime = self.notebook_path.stat().st_mtime_ns if self.notebook_path else None
+    generated = self.run_name is None
+    self.run_name = self.run_name or generate_run_id(self.client)
+    tags = {_RLAB_ID_TAG: self.run_name, **_git_tags(self.git_state, existing is not None), **self.tags}
+    if self.notebook_path is not None:
+        tags["rlab.notebook"] = _tag(str(self.notebook_path))
+    mlflow.set_tracking_uri(self.tracking_uri)
+    if existing is None:
+        self.active_run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.run_name, tags=tags)
+    else:
+        self.active_run = mlflow.start_run(run_id=existing.info.run_id)
+    self.run_id = self.active_run.info.run_id
+    try:
+        if existing is not None:
+            mlflow.set_tags({**tags, "rlab.resumed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        if generated:
+            self.run_name = _settle_run_id(self.client, self.run_id, self.run_name)
+        _log_run_files(self.git_state, self.notebook_path, resumed=existing is not None)
+        if self.config is not None:
+            self.log_config(self.config)
+    except BaseException as e:
+        self._end("FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
-        "End the run FINISHED, FAILED on an exception, KILLED on KeyboardInterrupt; exceptions propagate."
-        if exc_type is None:
-            self._end("FINISHED")
-        else:
-            self._end("FAILED" if issubclass(exc_type, Exception) else "KILLED")
-        return False
+# %% ../../nbs/11_tracking_tracker.ipynb #7bda4f2a
+@patch
+def __exit__(self: ExperimentTracker,
+             exc_type: type[BaseException] | None,  # the exception's class, None when the body succeeded
+             exc_val: BaseException | None,  # the exception raised in the body, if any
+             exc_tb: TracebackType | None,  # its traceback
+             ) -> bool:
+    "End the run FINISHED, FAILED on an exception, KILLED on KeyboardInterrupt; exceptions propagate."
+    if exc_type is None:
+        self._end("FINISHED")
+    else:
+        self._end("FAILED" if issubclass(exc_type, Exception) else "KILLED")
+    return False
 
-    def _end(self, status: str) -> None:
-        if self.active_run is not None and self.run_id is not None:
-            self.active_run, self.status = None, status
-            _relog_saved_notebook(self.client, self.run_id, self.notebook_path, self._notebook_mtime)
-            _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {self.tracking_uri}")
 
-    def log_config(self,
-                   config: str | os.PathLike | Config | Mapping[str, object],  # YAML path, Config or mapping
-                   prefix: str = "",  # prepended to every param key
-                   ) -> dict[str, str]:
-        "Log a config as flattened params plus a YAML artifact; returns the params logged."
-        if self.active_run is None or self.run_id is None:
-            raise RuntimeError("ExperimentTracker.log_config needs an active run: call it inside "
-                               "`with ExperimentTracker(...) as tracker:`")
-        values, path = _read_config(config)
-        logged = log_flattened_params(values, prefix, run_id=self.run_id, client=self.client)
-        if path is not None:
-            mlflow.log_artifact(str(path))
-        elif isinstance(values, Config):
-            mlflow.log_text(values.to_yaml(), "config.yaml")
-            mlflow.set_tag("rlab.config.class", f"{type(values).__module__}.{type(values).__qualname__}")
-        else:
-            mlflow.log_text(yaml.safe_dump(json.loads(json.dumps(dict(values), default=str)), sort_keys=False), "config.yaml")
-        return logged
+@patch
+def end(self: ExperimentTracker,
+        status: str = "FINISHED",  # FINISHED, FAILED or KILLED
+        ) -> None:
+    "End the run now with `status` (as leaving the `with` block does); a no-op when it is not active."
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"ExperimentTracker.end: status must be FINISHED, FAILED or KILLED, got {status!r}")
+    self._end(status)
+
+
+@patch
+def _end(self: ExperimentTracker, status: str) -> None:
+    "End the run with `status` unless it has ended already (the body of `end` and `__exit__`)."
+    if self.active_run is not None and self.run_id is not None:
+        self.active_run, self.status = None, status
+        _relog_saved_notebook(self.client, self.run_id, self.notebook_path, self._notebook_mtime)
+        _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {self.tracking_uri}")
+
+# %% ../../nbs/11_tracking_tracker.ipynb #ddf8358d
+@patch
+def log_config(self: ExperimentTracker,
+               config_path: str | os.PathLike | Config | Mapping[str, object],  # YAML path, Config or mapping
+               prefix: str = "",  # prepended to every param key
+               ) -> dict[str, str]:
+    "Log a config as flattened params plus a YAML artifact; returns the params logged."
+    if self.active_run is None or self.run_id is None:
+        raise RuntimeError("ExperimentTracker.log_config needs an active run: call it inside "
+                           "`with ExperimentTracker(...) as tracker:`")
+    values, path = _read_config(config_path)
+    logged = log_flattened_params(values, prefix, run_id=self.run_id, client=self.client)
+    if path is not None:
+        mlflow.log_artifact(str(path))
+    elif isinstance(values, Config):
+        mlflow.log_text(values.to_yaml(), "config.yaml")
+        mlflow.set_tag("rlab.config.class", f"{type(values).__module__}.{type(values).__qualname__}")
+    else:
+        mlflow.log_text(yaml.safe_dump(json.loads(json.dumps(dict(values), default=str)), sort_keys=False), "config.yaml")
+    return logged

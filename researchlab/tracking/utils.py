@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import subprocess
 import tempfile
@@ -18,16 +17,22 @@ from typing import TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import git
-import mlflow
 from mlflow.entities import Param, Run, ViewType
 from mlflow.tracking import MlflowClient
 
+from researchlab.design.mlflow_rules import (
+    MAX_PARAMS_PER_BATCH,
+    active_run_id,
+    flatten_params,
+    param_value,
+    sanitize_param_key,
+)
+
 from ..design.core import Config
-from ..design.infra import _MAX_KEY, _flatten_params, _param_value
 
 # %% auto #0
 __all__ = ['GitStateWarning', 'GitState', 'patch_bytes', 'strip_url_credentials', 'get_git_state', 'find_run_by_rlab_id',
-           'active_run_id', 'generate_run_id', 'sanitize_param_key', 'log_flattened_params']
+           'generate_run_id', 'log_flattened_params', 'active_run_id', 'sanitize_param_key']
 
 # %% ../../nbs/10_tracking_utils.ipynb #21eff6b1
 class GitStateWarning(UserWarning):
@@ -253,19 +258,6 @@ def find_run_by_rlab_id(run_id: str,  # the readable id, e.g. "2026-02-15_radian
     return runs[0] if runs else None
 
 
-def active_run_id(run_id: str | None = None,  # an MLflow run id; None: the active run's
-                  where: str = "active_run_id",  # the caller, named in the error
-                  ) -> str:
-    "`run_id` when given, else the id of the active MLflow run; a clear error when there is neither."
-    if run_id is not None:
-        return run_id
-    active = mlflow.active_run()
-    if active is None:
-        raise RuntimeError(f"{where}: no active MLflow run; start one (ExperimentTracker, %rlab_start or "
-                           "mlflow.start_run()) or pass run_id=...")
-    return active.info.run_id
-
-
 def generate_run_id(client: MlflowClient | None = None,  # checked for collisions; defaults to the current tracking URI
                     experiment_ids: Sequence[str] | None = None,  # defaults to all experiments, deleted included
                     day: _date | None = None,  # defaults to today (local time)
@@ -284,14 +276,7 @@ def generate_run_id(client: MlflowClient | None = None,  # checked for collision
     raise RuntimeError(f"generate_run_id: no free run id for {prefix} after 64 attempts; pass run_name explicitly")
 
 # %% ../../nbs/10_tracking_utils.ipynb #d4f123bb
-_MAX_PARAMS_PER_BATCH = 100
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-def sanitize_param_key(key: str) -> str:
-    "`key` made acceptable to MLflow: bad characters -> `_`, no empty/`.`/`..` path segments, <= 250 chars."
-    parts = [p if p not in ("", ".", "..") else "_" for p in _BAD_KEY_CHARS.sub("_", key).split("/")]
-    return "/".join(parts)[:_MAX_KEY] or "_"
+_all_ = ["active_run_id", "sanitize_param_key"]  # defined in design.mlflow_rules, re-exported here
 
 
 def log_flattened_params(d: Mapping[str, object] | Config,  # nested params, or a Config
@@ -302,15 +287,15 @@ def log_flattened_params(d: Mapping[str, object] | Config,  # nested params, or 
     "Log `d` flattened to dotted keys as MLflow params (batches of 100, long values truncated); returns what was logged."
     params: dict[str, str] = {}
     origin: dict[str, str] = {}
-    for key, value in _flatten_params(d, prefix).items():  # the flattening and value strings MLFlowTelemetry uses
+    for key, value in flatten_params(d, prefix).items():  # the flattening and value strings MLFlowTelemetry uses
         clean = sanitize_param_key(key)
         if clean in origin:
             raise ValueError(f"log_flattened_params: keys {origin[clean]!r} and {key!r} both become {clean!r} "
                              "after sanitizing for MLflow; rename one of them")
-        origin[clean], params[clean] = key, _param_value(key, value)
+        origin[clean], params[clean] = key, param_value(key, value)
     run_id = active_run_id(run_id, "log_flattened_params")
     client = client or MlflowClient()
     items = list(params.items())
-    for i in range(0, len(items), _MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + _MAX_PARAMS_PER_BATCH]])
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i:i + MAX_PARAMS_PER_BATCH]])
     return params
