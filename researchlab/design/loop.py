@@ -21,7 +21,9 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .core import C, Clock, Config, S
-from .infra import CheckpointManager, DataProvider, Persister, Telemetry
+from .data import DataProvider
+from .persist import CheckpointManager, Persister
+from .telemetry import Telemetry
 from .utils import flatten_config
 from .visualizer import Visualizer
 

@@ -102,7 +102,7 @@ class RlabMagics(Magics):
             print("rlab: no run started with %rlab_start is active")
             return
         tracker, self.tracker = self.tracker, None
-        tracker._end(status)
+        tracker.end(status)
         print(f"rlab: run {tracker.run_name!r} ended {status}")
 
 # %% ../../nbs/12_tracking_magic.ipynb #c833b1f7
