@@ -5,7 +5,7 @@ and a 5-seed check that the return reaches 475 within 5e5 env steps.
 Targets (issue 7): env steps/s of ours >= the baseline's; render + encode of 500 frames <= 2 s;
 >= 4 of 5 seeds reach a mean episodic return >= 475. Exits non-zero when one is missed.
 Timings on a shared 2-core machine are noisy: each training time is the best of `--repeats` runs,
-alternating baseline and ours. `steps_per_call` is the Loop's documented fast path (nbs/04_loop.ipynb, "Fusing
+alternating baseline and ours. `steps_per_call` is the Loop's documented fast path (nbs/09_loop.ipynb, "Fusing
 steps with lax.scan"); a last, reference row runs `ppo_step` scanned in one jit without the Loop, which splits our
 figure into kernel cost and per-call cost.
 
@@ -42,10 +42,10 @@ import optax
 from flax.linen.initializers import constant, orthogonal
 from flax.training.train_state import TrainState
 
-from researchlab.cartpole_render import CartPoleVisualizer
 from researchlab.design.infra import NoBatch
 from researchlab.design.loop import Loop
-from researchlab.ppo import PPOConfig, init_ppo, ppo_step, rollout_episode
+from researchlab.examples.cartpole_render import CartPoleVisualizer
+from researchlab.examples.ppo import PPOConfig, init_ppo, ppo_step, rollout_episode
 
 # ---------------------------------------------------------------------------------------------------------
 # Baseline: PureJaxRL's ppo.py (flax linen network, everything inside one jitted `train(key)`)

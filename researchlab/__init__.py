@@ -1,20 +1,91 @@
 """researchlab: a Jupyter-first workbench for ML and RL research in JAX.
 
-The public names of the library modules (design, tracking, rl) are re-exported here
-(`from researchlab import Config, Loop, ...`). The worked examples stay in their own modules and are
-imported where used: `researchlab.ppo` (PPO on gymnax), `researchlab.cartpole_render`,
-`researchlab.grpo_tiny`; so `import researchlab` does not import gymnax.
+The public names of the library modules (design, tracking, rl) are reachable from here
+(`from researchlab import Config, Loop, ...`), but each is imported only when first used (PEP 562): `import
+researchlab` costs no more than the interpreter start, `researchlab.Config` imports `researchlab.design.core`
+(and JAX) and nothing else, `researchlab.ExperimentTracker` brings in MLflow and GitPython. `_EXPORTS` below
+is the one table of which name lives where. The worked examples (PPO on gymnax, the CartPole renderer, GRPO on
+a tiny transformer, the `rlab demo` command) live in `researchlab.examples` and are imported from there.
 This file is written by hand; nbdev leaves it alone.
 """
 
+import importlib as _importlib
+
 __version__ = "0.0.1"
 
-from researchlab.design.core import *  # noqa: E402
-from researchlab.design.infra import *  # noqa: E402
-from researchlab.design.loop import *  # noqa: E402
-from researchlab.design.utils import *  # noqa: E402
-from researchlab.design.visualizer import *  # noqa: E402
-from researchlab.rl import *  # noqa: E402
-from researchlab.tracking.magic import load_ipython_extension  # noqa: E402, F401
-from researchlab.tracking.tracker import *  # noqa: E402
-from researchlab.tracking.utils import *  # noqa: E402
+# module -> the public names it defines (the type variables S, C, T stay in their modules)
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "researchlab.design.core": (
+        "Extractor", "Config", "State", "Clock", "is_typed_key", "next_key", "next_keys", "take_key", "Kernel",
+        "SelectedKernel", "Selector", "SelectorPathError", "FieldSelector",
+    ),
+    "researchlab.design.utils": (
+        "flatten_config", "unflatten_config", "flatten_pytree", "unflatten_pytree",
+    ),
+    "researchlab.design.infra": (
+        "Batch", "Scalar", "DataProvider", "ArrayDataProvider", "NoBatch", "Telemetry", "Persister",
+        "fingerprint", "EquinoxPersister", "CheckpointManager", "OrbaxPersister", "upload_spool",
+        "MLFlowTelemetry", "ConsoleTelemetry", "MultiTelemetry",
+    ),
+    "researchlab.design.visualizer": (
+        "as_frame", "VideoRecorder", "Visualizer",
+    ),
+    "researchlab.design.loop": (
+        "ClockAccessor", "Callback", "Loop",
+    ),
+    "researchlab.tracking.utils": (
+        "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "get_git_state",
+        "find_run_by_rlab_id", "active_run_id", "generate_run_id", "sanitize_param_key",
+        "log_flattened_params",
+    ),
+    "researchlab.tracking.tracker": (
+        "project_root", "resolve_tracking_uri", "find_notebook_path", "ExperimentTracker",
+    ),
+    "researchlab.tracking.magic": (
+        "RlabMagics", "load_ipython_extension",
+    ),
+    "researchlab.rl.advantages": (
+        "Scale", "compute_ppo_advantages", "compute_grpo_advantages", "normalize_advantages",
+    ),
+    "researchlab.rl.losses": (
+        "LossAggregation", "aggregate_loss", "compute_ppo_loss", "compute_grpo_loss", "compute_dapo_loss",
+        "token_logprobs_and_entropy", "sequence_logprobs", "compute_dpo_loss",
+    ),
+    "researchlab.rl.kl": (
+        "KLFn", "KLEstimator", "KLReduction", "compute_per_token_kl", "compute_reverse_kl",
+        "compute_forward_kl", "create_truncated_kl", "create_adaptive_kl", "compute_batch_kl",
+        "update_kl_coef",
+    ),
+    "researchlab.rl.rewards": (
+        "ShapingFn", "aggregate_vector_rewards", "normalize_rewards", "apply_reward_shaping",
+        "compute_overlong_punishment", "create_overlong_shaping", "compute_dynamic_sampling_mask",
+    ),
+    "researchlab.rl.reference": (
+        "RefUpdateFn", "create_reference_model", "create_ema_updater", "create_periodic_updater",
+    ),
+    "researchlab.rl.algorithms": (
+        "ALGORITHM_PRESETS", "LossBatch", "AlgorithmLossFn", "LOSS_FNS", "AlgorithmConfig",
+        "create_algorithm_config", "compute_loss_by_algorithm", "compute_advantages_by_algorithm",
+        "AlgorithmSchedule",
+    ),
+}
+_LAZY: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBPACKAGES = ("design", "tracking", "rl", "examples")
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> object:
+    "Import the module that defines `name` on first use (PEP 562), then keep the value here."
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBPACKAGES:
+        value = _importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))

@@ -1,4 +1,4 @@
-"""GRPO on the tiny transformer (researchlab.grpo_tiny): the task's verifier, the model's causality and the
+"""GRPO on the tiny transformer (researchlab.examples.grpo_tiny): the task's verifier, the model's causality and the
 config errors. That the reward rises under the Loop is checked by tests/test_tutorials.py (30 updates)."""
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from researchlab.grpo_tiny import (
+from researchlab.examples.grpo_tiny import (
     EOS,
     VOCAB,
     GRPOConfig,

@@ -1,4 +1,4 @@
-"""PPO on gymnax CartPole (researchlab.ppo) and the jnp CartPole renderer: learning, resumability through the
+"""PPO on gymnax CartPole (researchlab.examples.ppo) and the jnp CartPole renderer: learning, resumability through the
 Loop and a real checkpoint, and clear errors for bad input."""
 
 from pathlib import Path
@@ -12,10 +12,22 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from researchlab.cartpole_render import CartPoleVisualizer, record_episode, render_cartpole, render_frames
 from researchlab.design.infra import EquinoxPersister, NoBatch
 from researchlab.design.loop import Loop
-from researchlab.ppo import PPOConfig, collect_rollout, init_ppo, make_ppo_env, ppo_step, rollout_episode
+from researchlab.examples.cartpole_render import (
+    CartPoleVisualizer,
+    record_episode,
+    render_cartpole,
+    render_frames,
+)
+from researchlab.examples.ppo import (
+    PPOConfig,
+    collect_rollout,
+    init_ppo,
+    make_ppo_env,
+    ppo_step,
+    rollout_episode,
+)
 
 SMALL = PPOConfig(num_envs=2, num_steps=32, total_steps=4096, hidden=16)
 

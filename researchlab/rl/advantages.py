@@ -10,48 +10,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from .checks import check_ndim, check_nonempty, check_same_shape, float_dtype, masked_mean_std, shape_error
+
 # %% auto #0
 __all__ = ['Scale', 'compute_ppo_advantages', 'compute_grpo_advantages', 'normalize_advantages']
-
-# %% ../../nbs/20_rl_advantages.ipynb #1148fcbb
-def _shape_error(fn: str, msg: str, **arrays: jax.Array | None) -> ValueError:
-    got = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items() if v is not None)
-    return ValueError(f"{fn}: {msg}; received {got}")
-
-
-def _check_same_shape(fn: str, **arrays: jax.Array | None) -> None:
-    "All non-None `arrays` must have one shape."
-    shapes = {tuple(v.shape) for v in arrays.values() if v is not None}
-    if len(shapes) > 1:
-        names = ", ".join(k for k, v in arrays.items() if v is not None)
-        raise _shape_error(fn, f"{names} must have the same shape", **arrays)
-
-
-def _check_ndim(fn: str, name: str, x: jax.Array, ndim: int, letters: str) -> None:
-    "`x` must have exactly `ndim` axes (named by `letters`, e.g. 'P_G')."
-    if x.ndim != ndim:
-        raise ValueError(f"{fn}: {name} must have {ndim} axes [{letters.replace('_', ', ')}]; "
-                         f"received shape {tuple(x.shape)}. Use jax.vmap for extra leading axes.")
-
-
-def _check_nonempty(fn: str, name: str, x: jax.Array) -> None:
-    "`x` must have no zero-length axis."
-    if 0 in x.shape:
-        raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); every axis needs at least one element")
-
-
-def _float_dtype(*xs: jax.Array) -> jnp.dtype:
-    "The floating dtype of the arguments (the default float when none is floating, e.g. int or bool)."
-    floats = [x.dtype for x in xs if jnp.issubdtype(x.dtype, jnp.floating)]
-    return jnp.result_type(*floats) if floats else jnp.result_type(float)
-
-
-def _masked_means(x_B_T: jax.Array, m_B_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    "Masked `x` (zeros where `m` is 0), its token mean and its mean of per-sequence means (empty rows count 0)."
-    masked = jnp.where(m_B_T > 0, x_B_T, 0.0)
-    token = masked.sum() / jnp.maximum(m_B_T.sum(), 1.0)
-    sequence = (masked.sum(axis=1) / jnp.maximum(m_B_T.sum(axis=1), 1.0)).mean()
-    return masked, token, sequence
 
 # %% ../../nbs/20_rl_advantages.ipynb #1bba6017
 def compute_ppo_advantages(
@@ -76,17 +38,17 @@ def compute_ppo_advantages(
     Compute these outside the loss (as PureJaxRL does) or wrap them in `jax.lax.stop_gradient`.
     """
     fn = "compute_ppo_advantages"
-    _check_same_shape(fn, rewards_T_E=rewards_T_E, values_T_E=values_T_E, dones_T_E=dones_T_E)
+    check_same_shape(fn, rewards_T_E=rewards_T_E, values_T_E=values_T_E, dones_T_E=dones_T_E)
     if rewards_T_E.ndim == 0 or rewards_T_E.shape[0] == 0:
-        raise _shape_error(fn, "rewards_T_E needs a non-empty leading time axis [T, ...]", rewards_T_E=rewards_T_E)
+        raise shape_error(fn, "rewards_T_E needs a non-empty leading time axis [T, ...]", rewards_T_E=rewards_T_E)
     if tuple(last_value_E.shape) != tuple(rewards_T_E.shape[1:]):
-        raise _shape_error(fn, "last_value_E must have the batch shape of rewards_T_E without its time axis",
+        raise shape_error(fn, "last_value_E must have the batch shape of rewards_T_E without its time axis",
                            rewards_T_E=rewards_T_E, last_value_E=last_value_E)
-    dtype = _float_dtype(rewards_T_E, values_T_E, last_value_E)
+    dtype = float_dtype(rewards_T_E, values_T_E, last_value_E)
     gamma_, lam_ = jnp.asarray(gamma, dtype), jnp.asarray(lam, dtype)
     for name, c in (("gamma", gamma_), ("lam", lam_)):
         if c.ndim and tuple(c.shape) != tuple(rewards_T_E.shape[1:]):
-            raise _shape_error(fn, f"{name} must be a scalar or have the batch shape {tuple(rewards_T_E.shape[1:])}",
+            raise shape_error(fn, f"{name} must be a scalar or have the batch shape {tuple(rewards_T_E.shape[1:])}",
                                **{name: c})
     values = values_T_E.astype(dtype)
     not_done = 1.0 - dones_T_E.astype(dtype)
@@ -104,23 +66,6 @@ def compute_ppo_advantages(
 
 # %% ../../nbs/20_rl_advantages.ipynb #6d43ef41
 Scale = Literal["group", "batch", "none"]
-
-
-def _masked_mean_std(x: jax.Array, mask: jax.Array, axis: int | None, ddof: int) -> tuple[jax.Array, jax.Array]:
-    """Mean and std of `x` where `mask` is 1, over `axis` (kept); the std is 0 when at most `ddof` entries are valid.
-
-    The statistics are computed around the largest valid value, so a group of equal values has a mean equal
-    to that value bit for bit (and `x - mean == 0` exactly): float round-off divided by a tiny std cannot
-    turn "no signal" into a spurious advantage."""
-    valid = mask > 0
-    n = mask.sum(axis=axis, keepdims=True)
-    shift = jnp.where(valid, x, -jnp.inf).max(axis=axis, keepdims=True)
-    shift = jnp.where(n > 0, shift, 0.0)
-    d = jnp.where(valid, x - shift, 0.0)
-    mean_d = d.sum(axis=axis, keepdims=True) / jnp.maximum(n, 1.0)
-    ss = jnp.where(valid, jnp.square(d - mean_d), 0.0).sum(axis=axis, keepdims=True)
-    std = jnp.where(n > ddof, jnp.sqrt(ss / jnp.maximum(n - ddof, 1.0)), 0.0)
-    return shift + mean_d, std
 
 
 def compute_grpo_advantages(
@@ -148,20 +93,20 @@ def compute_grpo_advantages(
     group gets advantages 0. Empty arrays (`P = 0` or `G = 0`) raise `ValueError`.
     """
     fn = "compute_grpo_advantages"
-    _check_ndim(fn, "rewards_P_G", rewards_P_G, 2, "P_G")
-    _check_nonempty(fn, "rewards_P_G", rewards_P_G)
-    _check_same_shape(fn, rewards_P_G=rewards_P_G, mask_P_G=mask_P_G)
+    check_ndim(fn, "rewards_P_G", rewards_P_G, 2, "P_G")
+    check_nonempty(fn, "rewards_P_G", rewards_P_G)
+    check_same_shape(fn, rewards_P_G=rewards_P_G, mask_P_G=mask_P_G)
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"{fn}: scale must be 'group', 'batch' or 'none'; received {scale!r}")
-    dtype = _float_dtype(rewards_P_G)
+    dtype = float_dtype(rewards_P_G)
     r = rewards_P_G.astype(dtype)
     m = jnp.ones_like(r) if mask_P_G is None else mask_P_G.astype(dtype)
-    mean, std = _masked_mean_std(r, m, axis=1, ddof=ddof)
+    mean, std = masked_mean_std(r, m, axis=1, ddof=ddof)
     centered = (r - mean) * m
     if scale == "group":
         return centered / (std + eps)
     if scale == "batch":
-        return centered / (_masked_mean_std(r, m, axis=None, ddof=ddof)[1] + eps)
+        return centered / (masked_mean_std(r, m, axis=None, ddof=ddof)[1] + eps)
     return centered
 
 # %% ../../nbs/20_rl_advantages.ipynb #da7d7c01
@@ -176,9 +121,9 @@ def normalize_advantages(
     Mean and (population, `ddof=0`) std are taken over every entry where `mask` is 1; masked entries
     are returned as 0. **Returns:** an array of the shape of `advantages`.
     """
-    _check_same_shape("normalize_advantages", advantages=advantages, mask=mask)
-    _check_nonempty("normalize_advantages", "advantages", advantages)
-    a = advantages.astype(_float_dtype(advantages))
+    check_same_shape("normalize_advantages", advantages=advantages, mask=mask)
+    check_nonempty("normalize_advantages", "advantages", advantages)
+    a = advantages.astype(float_dtype(advantages))
     m = jnp.ones_like(a) if mask is None else mask.astype(a.dtype)
-    mean, std = _masked_mean_std(a, m, axis=None, ddof=0)
+    mean, std = masked_mean_std(a, m, axis=None, ddof=0)
     return (a - mean) * m / (std + eps)

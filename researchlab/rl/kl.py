@@ -11,7 +11,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from .advantages import _check_same_shape, _float_dtype, _masked_means, _shape_error
+from .checks import check_same_shape, float_dtype, masked_means, shape_error
 
 # %% auto #0
 __all__ = ['KLFn', 'KLEstimator', 'KLReduction', 'compute_per_token_kl', 'compute_reverse_kl', 'compute_forward_kl',
@@ -63,7 +63,7 @@ def compute_per_token_kl(
     **Returns:** `kl_B_T`, the shape of `logprobs_B_T`, 0 where `mask_B_T` is 0.
     """
     fn = "compute_per_token_kl"
-    _check_same_shape(fn, logprobs_B_T=logprobs_B_T, ref_logprobs_B_T=ref_logprobs_B_T, mask_B_T=mask_B_T)
+    check_same_shape(fn, logprobs_B_T=logprobs_B_T, ref_logprobs_B_T=ref_logprobs_B_T, mask_B_T=mask_B_T)
     kl = _kl_fn(estimator, fn)
     if mask_B_T is None:
         return kl(logprobs_B_T, ref_logprobs_B_T)
@@ -76,12 +76,12 @@ def _categorical_kl(logits_p: jax.Array, logits_q: jax.Array, mask: jax.Array | 
                     names: tuple[str, str]) -> jax.Array:
     r"$\mathrm{KL}(p\,\|\,q)$ over the last axis."
     if logits_p.shape != logits_q.shape:
-        raise _shape_error(fn, f"{names[0]} and {names[1]} must have the same shape [..., V]",
+        raise shape_error(fn, f"{names[0]} and {names[1]} must have the same shape [..., V]",
                            **{names[0]: logits_p, names[1]: logits_q})
     if logits_p.ndim == 0 or logits_p.shape[-1] == 0:
-        raise _shape_error(fn, f"{names[0]} needs a non-empty last (vocabulary) axis", **{names[0]: logits_p})
+        raise shape_error(fn, f"{names[0]} needs a non-empty last (vocabulary) axis", **{names[0]: logits_p})
     if mask is not None and tuple(mask.shape) != tuple(logits_p.shape[:-1]):
-        raise _shape_error(fn, "mask_B_T must have the shape of the logits without the vocabulary axis",
+        raise shape_error(fn, "mask_B_T must have the shape of the logits without the vocabulary axis",
                            **{names[0]: logits_p, "mask_B_T": mask})
     logp, logq = jax.nn.log_softmax(logits_p, axis=-1), jax.nn.log_softmax(logits_q, axis=-1)
     p = jnp.exp(logp)
@@ -158,10 +158,10 @@ def compute_batch_kl(
     """
     fn = "compute_batch_kl"
     if kl_B_T.ndim != 2:
-        raise _shape_error(fn, "kl_B_T must have 2 axes [B, T]; use jax.vmap for more", kl_B_T=kl_B_T)
-    _check_same_shape(fn, kl_B_T=kl_B_T, mask_B_T=mask_B_T)
-    m = jnp.ones(kl_B_T.shape, _float_dtype(kl_B_T)) if mask_B_T is None else mask_B_T.astype(_float_dtype(kl_B_T))
-    masked, token, sequence = _masked_means(kl_B_T, m)
+        raise shape_error(fn, "kl_B_T must have 2 axes [B, T]; use jax.vmap for more", kl_B_T=kl_B_T)
+    check_same_shape(fn, kl_B_T=kl_B_T, mask_B_T=mask_B_T)
+    m = jnp.ones(kl_B_T.shape, float_dtype(kl_B_T)) if mask_B_T is None else mask_B_T.astype(float_dtype(kl_B_T))
+    masked, token, sequence = masked_means(kl_B_T, m)
     if reduction == "token":
         return token
     if reduction == "sequence":

@@ -10,8 +10,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from .advantages import _check_nonempty, _check_same_shape, _float_dtype, _masked_means, _shape_error
 from .advantages import normalize_advantages as _normalize_advantages  # the argument has its name
+from .checks import check_nonempty, check_same_shape, float_dtype, masked_means, shape_error
 from .kl import KLEstimator, KLFn, compute_per_token_kl
 
 # %% auto #0
@@ -36,9 +36,9 @@ def aggregate_loss(
     """
     fn = "aggregate_loss"
     if loss_B_T.ndim != 2:
-        raise _shape_error(fn, "loss_B_T must have 2 axes [B, T]", loss_B_T=loss_B_T)
-    _check_same_shape(fn, loss_B_T=loss_B_T, mask_B_T=mask_B_T)
-    masked, token, sequence = _masked_means(loss_B_T, mask_B_T.astype(loss_B_T.dtype))
+        raise shape_error(fn, "loss_B_T must have 2 axes [B, T]", loss_B_T=loss_B_T)
+    check_same_shape(fn, loss_B_T=loss_B_T, mask_B_T=mask_B_T)
+    masked, token, sequence = masked_means(loss_B_T, mask_B_T.astype(loss_B_T.dtype))
     if mode == "token":
         return token
     if mode == "sequence":
@@ -101,10 +101,10 @@ def compute_ppo_loss(
     `clip_fraction_high`, `ratio_mean`.
     """
     fn = "compute_ppo_loss"
-    _check_same_shape(fn, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, values=values,
+    check_same_shape(fn, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, values=values,
                       old_values=old_values, targets=targets, entropy=entropy, mask=mask)
-    _check_nonempty(fn, "logprobs", logprobs)
-    dtype = _float_dtype(logprobs, values)
+    check_nonempty(fn, "logprobs", logprobs)
+    dtype = float_dtype(logprobs, values)
     m = jnp.ones(logprobs.shape, dtype) if mask is None else mask.astype(dtype)
     n = jnp.maximum(m.sum(), 1.0)
     mean = lambda x: jnp.where(m > 0, x, 0.0).sum() / n
@@ -153,24 +153,24 @@ def compute_grpo_loss(
     `entropy` (mean over real tokens) when `entropy_B_T` is given.
     """
     fn = "compute_grpo_loss"
-    _check_same_shape(fn, logprobs_B_T=logprobs_B_T, mask_B_T=mask_B_T, old_logprobs_B_T=old_logprobs_B_T,
+    check_same_shape(fn, logprobs_B_T=logprobs_B_T, mask_B_T=mask_B_T, old_logprobs_B_T=old_logprobs_B_T,
                       ref_logprobs_B_T=ref_logprobs_B_T, entropy_B_T=entropy_B_T)
     if logprobs_B_T.ndim != 2:
-        raise _shape_error(fn, "logprobs_B_T must have 2 axes [B, T]; use jax.vmap for more", logprobs_B_T=logprobs_B_T)
-    _check_nonempty(fn, "logprobs_B_T", logprobs_B_T)
+        raise shape_error(fn, "logprobs_B_T must have 2 axes [B, T]; use jax.vmap for more", logprobs_B_T=logprobs_B_T)
+    check_nonempty(fn, "logprobs_B_T", logprobs_B_T)
     if advantages_B.shape == logprobs_B_T.shape[:1]:
         adv = advantages_B[:, None]
     elif advantages_B.shape == logprobs_B_T.shape:
         adv = advantages_B
     else:
-        raise _shape_error(fn, "advantages_B must have shape [B] or [B, T] matching logprobs_B_T",
+        raise shape_error(fn, "advantages_B must have shape [B] or [B, T] matching logprobs_B_T",
                            advantages_B=advantages_B, logprobs_B_T=logprobs_B_T)
     if beta != 0.0 and ref_logprobs_B_T is None:
         raise ValueError(f"{fn}: beta={beta} needs ref_logprobs_B_T (the reference policy's log-probs); "
                          "pass them or set beta=0.0")
     eps_high = eps_low if eps_high is None else eps_high
     old = jax.lax.stop_gradient(logprobs_B_T) if old_logprobs_B_T is None else old_logprobs_B_T
-    adv = jnp.broadcast_to(adv, logprobs_B_T.shape).astype(_float_dtype(logprobs_B_T))
+    adv = jnp.broadcast_to(adv, logprobs_B_T.shape).astype(float_dtype(logprobs_B_T))
     surrogate, stats = _clipped_surrogate(logprobs_B_T, old, adv, mask_B_T, eps_low, eps_high)
     per_token = surrogate
     m = mask_B_T.astype(surrogate.dtype)
@@ -218,7 +218,7 @@ def token_logprobs_and_entropy(
     r"""Log-probabilities $\log\pi(y_t)$ of the given tokens and the entropies $H(\pi_t)$, both of shape `[...]`."""
     fn = "token_logprobs_and_entropy"
     if tuple(tokens_B_T.shape) != tuple(logits_B_T_V.shape[:-1]):
-        raise _shape_error(fn, "tokens_B_T must have the shape of logits_B_T_V without the vocabulary axis",
+        raise shape_error(fn, "tokens_B_T must have the shape of logits_B_T_V without the vocabulary axis",
                            logits_B_T_V=logits_B_T_V, tokens_B_T=tokens_B_T)
     if not jnp.issubdtype(tokens_B_T.dtype, jnp.integer):
         raise TypeError(f"{fn}: tokens_B_T must hold integer token ids; received dtype {tokens_B_T.dtype}")
@@ -234,7 +234,7 @@ def sequence_logprobs(
     mask_B_T: jax.Array,  # 1 for completion tokens, `[B, T]`
 ) -> jax.Array:
     r"Sequence log-probability $\sum_t m_{bt} \log\pi(y_{bt})$, shape `[B]` (padding may hold `-inf`)."
-    _check_same_shape("sequence_logprobs", logprobs_B_T=logprobs_B_T, mask_B_T=mask_B_T)
+    check_same_shape("sequence_logprobs", logprobs_B_T=logprobs_B_T, mask_B_T=mask_B_T)
     return jnp.where(mask_B_T.astype(bool), logprobs_B_T, 0.0).sum(axis=-1)
 
 
@@ -257,12 +257,12 @@ def compute_dpo_loss(
     (fraction with $z_b > 0$).
     """
     fn = "compute_dpo_loss"
-    _check_same_shape(fn, chosen_logprobs_B=chosen_logprobs_B, rejected_logprobs_B=rejected_logprobs_B,
+    check_same_shape(fn, chosen_logprobs_B=chosen_logprobs_B, rejected_logprobs_B=rejected_logprobs_B,
                       ref_chosen_logprobs_B=ref_chosen_logprobs_B, ref_rejected_logprobs_B=ref_rejected_logprobs_B)
     if chosen_logprobs_B.ndim != 1:
-        raise _shape_error(fn, "chosen_logprobs_B must have 1 axis [B] (sum token log-probs with "
+        raise shape_error(fn, "chosen_logprobs_B must have 1 axis [B] (sum token log-probs with "
                            "sequence_logprobs first)", chosen_logprobs_B=chosen_logprobs_B)
-    _check_nonempty(fn, "chosen_logprobs_B", chosen_logprobs_B)
+    check_nonempty(fn, "chosen_logprobs_B", chosen_logprobs_B)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 0.5); received {label_smoothing!r}")
     r_w = beta * (chosen_logprobs_B - ref_chosen_logprobs_B)

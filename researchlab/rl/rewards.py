@@ -11,7 +11,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from .advantages import _check_nonempty, _check_same_shape, _float_dtype, _masked_mean_std, _shape_error
+from .checks import check_nonempty, check_same_shape, float_dtype, masked_mean_std, shape_error
 
 # %% auto #0
 __all__ = ['ShapingFn', 'aggregate_vector_rewards', 'normalize_rewards', 'apply_reward_shaping', 'compute_overlong_punishment',
@@ -30,7 +30,7 @@ def aggregate_vector_rewards(
     """
     fn = "aggregate_vector_rewards"
     if rewards_B_K.ndim == 0:
-        raise _shape_error(fn, "rewards_B_K needs a last axis of K reward components", rewards_B_K=rewards_B_K)
+        raise shape_error(fn, "rewards_B_K needs a last axis of K reward components", rewards_B_K=rewards_B_K)
     if aggregator is not None:
         if weights_K is not None:
             raise ValueError(f"{fn}: pass weights_K or aggregator, not both")
@@ -41,9 +41,9 @@ def aggregate_vector_rewards(
         return out
     if weights_K is None:
         return rewards_B_K.sum(axis=-1)
-    w = jnp.asarray(weights_K, _float_dtype(rewards_B_K))
+    w = jnp.asarray(weights_K, float_dtype(rewards_B_K))
     if w.shape != rewards_B_K.shape[-1:]:
-        raise _shape_error(fn, f"weights_K must have shape [K] = ({rewards_B_K.shape[-1]},)",
+        raise shape_error(fn, f"weights_K must have shape [K] = ({rewards_B_K.shape[-1]},)",
                            rewards_B_K=rewards_B_K, weights_K=w)
     return jnp.matmul(rewards_B_K, w, precision=jax.lax.Precision.HIGHEST)  # full f32 on GPU/TPU, no TF32
 
@@ -58,15 +58,15 @@ def normalize_rewards(
     r"""Standardize rewards: $(r - \mu) / (\sigma + \epsilon)$ with (population) mean and std per group or
     over the batch; masked entries are excluded from the statistics and returned as 0."""
     fn = "normalize_rewards"
-    _check_same_shape(fn, rewards=rewards, mask=mask)
-    _check_nonempty(fn, "rewards", rewards)
+    check_same_shape(fn, rewards=rewards, mask=mask)
+    check_nonempty(fn, "rewards", rewards)
     if mode == "group" and rewards.ndim < 1:
-        raise _shape_error(fn, "mode='group' needs a group axis (the last)", rewards=rewards)
+        raise shape_error(fn, "mode='group' needs a group axis (the last)", rewards=rewards)
     if mode not in ("group", "batch"):
         raise ValueError(f"{fn}: mode must be 'group' or 'batch'; received {mode!r}")
-    r = rewards.astype(_float_dtype(rewards))
+    r = rewards.astype(float_dtype(rewards))
     m = jnp.ones_like(r) if mask is None else mask.astype(r.dtype)
-    mean, std = _masked_mean_std(r, m, axis=-1 if mode == "group" else None, ddof=0)
+    mean, std = masked_mean_std(r, m, axis=-1 if mode == "group" else None, ddof=0)
     return (r - mean) * m / (std + eps)
 
 # %% ../../nbs/23_rl_rewards.ipynb #26280bfd
@@ -119,7 +119,7 @@ def create_overlong_shaping(max_length: int, cache_length: int, key: str = "leng
         if key not in features:
             raise KeyError(f"overlong_shaping: features has no {key!r} (the completion lengths); "
                            f"keys are {sorted(features)}")
-        _check_same_shape("overlong_shaping", rewards=rewards, **{key: features[key]})
+        check_same_shape("overlong_shaping", rewards=rewards, **{key: features[key]})
         return rewards + compute_overlong_punishment(features[key], max_length, cache_length).astype(rewards.dtype)
 
     return overlong_shaping
@@ -134,8 +134,8 @@ def compute_dynamic_sampling_mask(
     "Boolean `[P]`: True for groups whose valid rewards are not all equal (DAPO dynamic sampling)."
     fn = "compute_dynamic_sampling_mask"
     if rewards_P_G.ndim != 2:
-        raise _shape_error(fn, "rewards_P_G must have 2 axes [P, G]", rewards_P_G=rewards_P_G)
-    _check_same_shape(fn, rewards_P_G=rewards_P_G, mask_P_G=mask_P_G)
+        raise shape_error(fn, "rewards_P_G must have 2 axes [P, G]", rewards_P_G=rewards_P_G)
+    check_same_shape(fn, rewards_P_G=rewards_P_G, mask_P_G=mask_P_G)
     m = jnp.ones(rewards_P_G.shape, bool) if mask_P_G is None else mask_P_G.astype(bool)
     hi = jnp.where(m, rewards_P_G, -jnp.inf).max(axis=1)
     lo = jnp.where(m, rewards_P_G, jnp.inf).min(axis=1)
