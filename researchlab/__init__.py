@@ -16,16 +16,29 @@ __version__ = "0.0.1"
 # module -> the public names it defines (the type variables S, C, T stay in their modules)
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.design.core": (
-        "Extractor", "Config", "State", "Clock", "is_typed_key", "next_key", "next_keys", "take_key", "Kernel",
-        "SelectedKernel", "Selector", "SelectorPathError", "FieldSelector",
+        "Extractor", "ConfigFileError", "Config", "State", "Clock", "is_typed_key", "next_key", "next_keys",
+        "take_key", "Kernel", "SelectedKernel", "Selector", "SelectorPathError", "FieldSelector",
     ),
     "researchlab.design.utils": (
-        "flatten_config", "unflatten_config", "flatten_pytree", "unflatten_pytree",
+        "flatten_config", "unflatten_config", "flatten_pytree", "unflatten_pytree", "leaf_spec", "fingerprint",
+        "first_difference",
     ),
-    "researchlab.design.infra": (
-        "Batch", "Scalar", "DataProvider", "ArrayDataProvider", "NoBatch", "Telemetry", "Persister",
-        "fingerprint", "EquinoxPersister", "CheckpointManager", "OrbaxPersister", "upload_spool",
-        "MLFlowTelemetry", "ConsoleTelemetry", "MultiTelemetry",
+    "researchlab.design.data": (
+        "Batch", "DataProvider", "ArrayDataProvider", "NoBatch",
+    ),
+    "researchlab.design.telemetry": (
+        "Scalar", "Telemetry", "ConsoleTelemetry", "MultiTelemetry",
+    ),
+    "researchlab.design.mlflow_rules": (
+        "MAX_KEY_LENGTH", "MAX_PARAM_VALUE_LENGTH", "MAX_TAG_VALUE_LENGTH", "MAX_ENTRIES_PER_BATCH",
+        "MAX_PARAMS_PER_BATCH", "KEY_CHARS", "check_key", "check_metric", "flatten_params", "param_value", "get_or_create_experiment", "active_run_id",
+        "sanitize_param_key",
+    ),
+    "researchlab.design.mlflow_telemetry": (
+        "MLFlowTelemetry", "upload_spool", "upload_main",
+    ),
+    "researchlab.design.persist": (
+        "Persister", "atomic_write", "EquinoxPersister", "CheckpointManager", "OrbaxPersister",
     ),
     "researchlab.design.visualizer": (
         "as_frame", "VideoRecorder", "Visualizer",
@@ -33,10 +46,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.design.loop": (
         "ClockAccessor", "Callback", "Loop",
     ),
+    "researchlab.design.widget": (
+        "loop_widget",
+    ),
     "researchlab.tracking.utils": (
         "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "get_git_state",
-        "find_run_by_rlab_id", "active_run_id", "generate_run_id", "sanitize_param_key",
-        "log_flattened_params",
+        "find_run_by_rlab_id", "generate_run_id", "log_flattened_params",
     ),
     "researchlab.tracking.tracker": (
         "project_root", "resolve_tracking_uri", "find_notebook_path", "ExperimentTracker",

@@ -18,7 +18,7 @@ _HELP = ("usage: rlab demo [key=value ...] [--resume RUN_ID]   (rlab demo --help
 
 def _upload(args: list[str]) -> int:
     "`rlab upload SPOOL... [--tracking-uri URI]`: MLflow's client, no JAX examples, no gymnax."
-    from researchlab.design.infra import _main as upload_main
+    from researchlab.design.mlflow_telemetry import upload_main
 
     return upload_main(args)
 

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"mlflow", "git", "IPython", "matplotlib", "gymnax"}
 
 # the modules whose public names `researchlab` re-exports (their type variables S, C, T excepted)
-LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "researchlab.design.infra",
-                   "researchlab.design.visualizer", "researchlab.design.loop", "researchlab.tracking.utils",
+LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "researchlab.design.data",
+                   "researchlab.design.telemetry", "researchlab.design.mlflow_rules",
+                   "researchlab.design.mlflow_telemetry", "researchlab.design.persist", "researchlab.design.infra",
+                   "researchlab.design.visualizer", "researchlab.design.loop", "researchlab.design.widget",
+                   "researchlab.tracking.utils",
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.rl"]
 TYPEVARS = {"S", "C", "T"}
 

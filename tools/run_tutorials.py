@@ -18,12 +18,14 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _drop_videos(nb: nbformat.NotebookNode) -> None:
-    "Remove inline `<video>` outputs (megabytes of base64 mp4); everything else stays."
+def _static(nb: nbformat.NotebookNode) -> None:
+    "Keep what a static page can show: no inline `<video>` (megabytes of base64 mp4), widgets as their text."
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.get("outputs", [])
                             if "<video" not in "".join(o.get("data", {}).get("text/html", ""))]
+            for o in cell.outputs:
+                o.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
 
 
 def run(path: Path) -> None:
@@ -37,7 +39,7 @@ def run(path: Path) -> None:
                        resources={"metadata": {"path": work}}).execute()
     it = iter(runnable.cells)
     nb.cells = [c if i in skipped else next(it) for i, c in enumerate(nb.cells)]
-    _drop_videos(nb)
+    _static(nb)
     nbformat.write(nb, path)
     print(f"{path.relative_to(ROOT)}: executed, outputs kept")
 

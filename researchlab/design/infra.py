@@ -9,12 +9,10 @@ __all__ = ['Batch', 'Scalar', 'DataProvider', 'ArrayDataProvider', 'NoBatch', 'T
 
 # %% ../../nbs/07_infra.ipynb #f12d80d4
 from .data import ArrayDataProvider, Batch, DataProvider, NoBatch
-from .mlflow_telemetry import MLFlowTelemetry, upload_main, upload_spool
+from .mlflow_telemetry import MLFlowTelemetry, upload_spool
 from .persist import CheckpointManager, EquinoxPersister, OrbaxPersister, Persister
 from .telemetry import ConsoleTelemetry, MultiTelemetry, Scalar, Telemetry
 from .utils import fingerprint
 from .visualizer import Visualizer
-
-_main = upload_main  # the former name of `upload_main`, kept for `researchlab.cli`
 
 _all_ = ['Batch', 'Scalar', 'DataProvider', 'ArrayDataProvider', 'NoBatch', 'Telemetry', 'Persister', 'fingerprint', 'EquinoxPersister', 'CheckpointManager', 'OrbaxPersister', 'upload_spool', 'MLFlowTelemetry', 'ConsoleTelemetry', 'MultiTelemetry', 'Visualizer']

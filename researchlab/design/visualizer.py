@@ -136,7 +136,7 @@ class VideoRecorder:
         "Log the file as an artifact of the active MLflow run (or `run_id`); returns the artifact URI."
         import mlflow  # imported here: the design layer does not need MLflow to import
 
-        from researchlab.tracking.utils import active_run_id
+        from researchlab.design.mlflow_rules import active_run_id
         path = self.close()
         run_id = active_run_id(run_id, "VideoRecorder.log_to_mlflow")
         mlflow.MlflowClient().log_artifact(run_id, str(path), artifact_path)
