@@ -25,11 +25,15 @@ def _run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> nbformat
 
 
 def _text(nb: nbformat.NotebookNode) -> str:
+    "All text the notebook printed or displayed; a stream is kept whole even when the kernel flushed it in pieces."
     out = []
     for c in nb.cells:
         for o in c.get("outputs", []):
-            out.append(o.get("text", "") or "".join(o.get("data", {}).get("text/plain", "")))
-    return "\n".join(out)
+            if o.get("output_type") == "stream":
+                out.append(o.get("text", ""))  # carries its own newlines: "continued to" + " 90\n" stays one line
+            else:
+                out.append("".join(o.get("data", {}).get("text/plain", "")) + "\n")
+    return "".join(out)
 
 
 def test_ppo_cartpole_tutorial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
