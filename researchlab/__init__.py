@@ -21,7 +21,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "researchlab.design.utils": (
         "flatten_config", "unflatten_config", "flatten_pytree", "unflatten_pytree", "leaf_spec", "fingerprint",
-        "first_difference",
+        "first_difference", "ParamTableRenderer",
     ),
     "researchlab.design.data": (
         "Batch", "DataProvider", "ArrayDataProvider", "NoBatch",
