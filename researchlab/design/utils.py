@@ -140,6 +140,7 @@ def first_difference(saved: list[dict[str, object]],  # the fingerprint on recor
 
 # %% ../../nbs/01_utils.ipynb #4cb5c8b0
 import ast
+import dataclasses
 import inspect
 import io
 import textwrap
@@ -147,7 +148,7 @@ import tokenize
 from inspect import Parameter
 
 from fastcore.basics import AttrDict
-from fastcore.docments import MarkdownRenderer, empty
+from fastcore.docments import MarkdownRenderer, docments, empty
 
 # %% ../../nbs/01_utils.ipynb #55b2092f
 def _field_comments(cls: type) -> dict[str, str]:
@@ -177,6 +178,22 @@ def _model_params(cls: type) -> dict[str, AttrDict]:
             for name, f in cls.model_fields.items()}
 
 
+def _params_of(sym: object) -> tuple[dict[str, AttrDict], AttrDict | None]:
+    "`sym`'s parameters with their docments, and its return (None for a class)."
+    if isinstance(sym, type) and hasattr(sym, "model_fields"):
+        return _model_params(sym), None
+    target = sym
+    if isinstance(sym, type) and dataclasses.is_dataclass(sym) and "__init__" in vars(sym):
+        try:  # a dataclass (an equinox Module) with a hand-written __init__: its parameters are the __init__'s
+            inspect.getsource(sym.__init__)
+            target = sym.__init__
+        except (OSError, TypeError):
+            pass  # the generated __init__: the fields are the parameters
+    dm = docments(target, full=True)
+    params = {k: v for k, v in dm.items() if k not in ("self", "return")}
+    return params, None if isinstance(sym, type) else dm.get("return")
+
+
 def _cell(o: object) -> str:
     "One table cell, `|` escaped: strings as they are, annotations as Python writes them, names for functions."
     if o is empty:
@@ -201,10 +218,7 @@ class ParamTableRenderer(MarkdownRenderer):
                  maxline: int = 110,  # where the signature wraps
                  ) -> None:
         super().__init__(sym, name=name, title_level=title_level, maxline=maxline)
-        is_model = isinstance(self.sym, type) and hasattr(self.sym, "model_fields")
-        self.params = _model_params(self.sym) if is_model else {
-            k: v for k, v in self.dm.dm.items() if k not in ("self", "return")}
-        self.returns = None if is_model else self.dm.dm.get("return")
+        self.params, self.returns = _params_of(self.sym)
         # the signature shows names, types and defaults; what each parameter is goes to the table
         self.dm.dm = {k: AttrDict({**v, "docment": ""}) for k, v in self.params.items()}
         if self.returns is not None:
