@@ -5,12 +5,22 @@
 # %% ../../nbs/01_utils.ipynb #54bdcb7c
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import io
+import linecache
+import textwrap
+import tokenize
 from collections.abc import Mapping
+from inspect import Parameter
 from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from fastcore.basics import AttrDict
+from fastcore.docments import MarkdownRenderer, docments, empty
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from .core import Config
@@ -138,28 +148,36 @@ def first_difference(saved: list[dict[str, object]],  # the fingerprint on recor
                 f"first leaf only in the {name}: {extra['path']}")
     return None
 
-# %% ../../nbs/01_utils.ipynb #4cb5c8b0
-import ast
-import dataclasses
-import inspect
-import io
-import textwrap
-import tokenize
-from inspect import Parameter
-
-from fastcore.basics import AttrDict
-from fastcore.docments import MarkdownRenderer, docments, empty
-
 # %% ../../nbs/01_utils.ipynb #55b2092f
+def _class_source(cls: type) -> str | None:
+    "The source of `cls`; for a class defined in a notebook cell, found among the cells' sources."
+    try:
+        return textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        pass
+    for lines in reversed([entry[2] for entry in list(linecache.cache.values()) if len(entry) == 4]):
+        src = "".join(lines)
+        if f"class {cls.__name__}" not in src:
+            continue
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
+                return "".join(lines[node.lineno - 1:node.end_lineno])
+    return None
+
+
 def _field_comments(cls: type) -> dict[str, str]:
     "Trailing comments on the annotated fields of `cls` and its bases: `{field: comment}`."
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
+        src = _class_source(klass) if klass.__module__ != "builtins" else None
         try:
-            src = textwrap.dedent(inspect.getsource(klass))
-            body = ast.parse(src).body[0].body
-        except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
-            continue  # builtins and classes without source have no comments
+            body = ast.parse(src).body[0].body if src else []
+        except (SyntaxError, IndexError, AttributeError):
+            continue
         comments = {t.start[0]: t.string.lstrip("#").strip()
                     for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
         for node in body:
@@ -191,6 +209,9 @@ def _params_of(sym: object) -> tuple[dict[str, AttrDict], AttrDict | None]:
             pass  # the generated __init__: the fields are the parameters
     dm = docments(target, full=True)
     params = {k: v for k, v in dm.items() if k not in ("self", "return")}
+    if isinstance(sym, type):  # fields named like parameters lend them their comments
+        fields = _field_comments(sym)
+        params = {k: AttrDict(v, docment=v.get("docment") or fields.get(k)) for k, v in params.items()}
     return params, None if isinstance(sym, type) else dm.get("return")
 
 
