@@ -109,12 +109,17 @@ class Config(BaseModel):
         return hash((type(self), tuple(v for _, v in self)))
 
     # ---- serialisation -------------------------------------------------------------------------
-    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+    def to_json(self,
+                path: str | Path | None = None,  # also write the text to this file
+                indent: int = 2,  # spaces per nesting level
+                ) -> str:
         "JSON text of this config; also written to `path` when given."
         return _write(self.model_dump_json(indent=indent) + "\n", path)
 
     @classmethod
-    def from_json(cls, src: str | Path) -> Self:
+    def from_json(cls,
+                  src: str | Path,  # a `.json` file path, or the JSON text itself
+                  ) -> Self:
         "Load from a JSON file path or a JSON string; a duplicate key is an error naming the file."
         text, where = _text_or_path(src, (".json",))
         try:
@@ -126,13 +131,17 @@ class Config(BaseModel):
         except ValidationError as e:
             raise ConfigFileError(f"{where}: {e}") from None
 
-    def to_yaml(self, path: str | Path | None = None) -> str:
+    def to_yaml(self,
+                path: str | Path | None = None,  # also write the text to this file
+                ) -> str:
         "YAML text of this config; also written to `path` when given."
         data = json.loads(self.model_dump_json())
         return _write(yaml.safe_dump(data, sort_keys=False), path)
 
     @classmethod
-    def from_yaml(cls, src: str | Path) -> Self:
+    def from_yaml(cls,
+                  src: str | Path,  # a `.yaml`/`.yml` file path, or the YAML text itself
+                  ) -> Self:
         "Load from a YAML file path or a YAML string (a mapping); errors name the file, the line and the key."
         text, where = _text_or_path(src, (".yaml", ".yml"))
         loader = _StrictYAML(text)
@@ -204,13 +213,17 @@ def _zero_float() -> jax.Array:
 
 class Clock(State):
     "Counters of a run: `step`, `episode`, `epoch` (int32) and `wall_time` (elapsed seconds, float32)."
-    step: jax.Array = eqx.field(default_factory=_zero_int)
-    episode: jax.Array = eqx.field(default_factory=_zero_int)
-    epoch: jax.Array = eqx.field(default_factory=_zero_int)
-    wall_time: jax.Array = eqx.field(default_factory=_zero_float)
+    step: jax.Array = eqx.field(default_factory=_zero_int)  # steps taken, int32 scalar
+    episode: jax.Array = eqx.field(default_factory=_zero_int)  # episodes finished, int32 scalar
+    epoch: jax.Array = eqx.field(default_factory=_zero_int)  # epochs finished, int32 scalar
+    wall_time: jax.Array = eqx.field(default_factory=_zero_float)  # seconds spent inside the run, float32 scalar
 
-    def advance(self, steps: int | jax.Array = 1, episodes: int | jax.Array = 0,
-                epochs: int | jax.Array = 0, seconds: float | jax.Array = 0.0) -> Clock:
+    def advance(self,
+                steps: int | jax.Array = 1,  # steps to add
+                episodes: int | jax.Array = 0,  # episodes to add
+                epochs: int | jax.Array = 0,  # epochs to add
+                seconds: float | jax.Array = 0.0,  # wall-clock seconds to add
+                ) -> Clock:
         "A new clock moved forward by the given amounts (pure; usable inside jit)."
         return Clock(step=self.step + jnp.asarray(steps, jnp.int32),
                      episode=self.episode + jnp.asarray(episodes, jnp.int32),
@@ -222,18 +235,22 @@ class Clock(State):
         return self.advance(steps=1)
 
 # %% ../../nbs/00_core.ipynb #d167cd8e
-def is_typed_key(key: jax.Array) -> bool:
+def is_typed_key(key: jax.Array,  # a PRNG key, typed or raw
+                 ) -> bool:
     "True for a typed key (`jax.random.key`), False for a raw `uint32` key array (`PRNGKey`)."
     return jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
 
 
-def next_key(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def next_key(key: jax.Array,  # the key to split (typed or raw `uint32[2]`)
+             ) -> tuple[jax.Array, jax.Array]:
     "Split `key` into `(carry, subkey)`: keep `carry` in the State, use `subkey` now."
     carry, sub = jax.random.split(key)
     return carry, sub
 
 
-def next_keys(key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
+def next_keys(key: jax.Array,  # the key to split (typed or raw `uint32[2]`)
+              num: int,  # how many subkeys to return
+              ) -> tuple[jax.Array, jax.Array]:
     "Split `key` into `(carry, subkeys)` with `num` subkeys stacked on the first axis."
     keys = jax.random.split(key, num + 1)
     return keys[0], keys[1:]
@@ -242,7 +259,9 @@ def next_keys(key: jax.Array, num: int) -> tuple[jax.Array, jax.Array]:
 S = TypeVar("S", bound=State)
 
 
-def take_key(state: S, field: str = "rng") -> tuple[S, jax.Array]:
+def take_key(state: S,  # a State that holds a PRNG key
+             field: str = "rng",  # the name of the attribute holding the key
+             ) -> tuple[S, jax.Array]:
     "Return `(state with its key advanced, subkey)`; the key is the State attribute `field`."
     if not hasattr(state, field):
         raise AttributeError(f"take_key: {type(state).__name__} has no key field {field!r}; "
@@ -267,8 +286,8 @@ class Kernel(Protocol[_P, _R]):
 
 class SelectedKernel(eqx.Module, Generic[S, C, _RV]):
     "A kernel wrapped with an extractor: call it as `kernel(state, config)`; `.raw` is the pure function."
-    func: Callable[..., _RV] = eqx.field(static=True)
-    extractor: Callable[[S, C], tuple[tuple[object, ...], dict[str, object]]] = eqx.field(static=True)
+    func: Callable[..., _RV] = eqx.field(static=True)  # the pure kernel
+    extractor: Callable[[S, C], tuple[tuple[object, ...], dict[str, object]]] = eqx.field(static=True)  # `(state, config) -> (args, kwargs)`
 
     @property
     def raw(self) -> Callable[..., _RV]:
@@ -283,7 +302,9 @@ class SelectedKernel(eqx.Module, Generic[S, C, _RV]):
 class Selector(Generic[S, C]):
     "Decorator that binds a kernel's arguments to data extracted from `(state, config)`."
 
-    def __init__(self, extractor: Callable[[S, C], tuple[tuple[object, ...], dict[str, object]]]):
+    def __init__(self,
+                 extractor: Callable[[S, C], tuple[tuple[object, ...], dict[str, object]]],  # `(state, config) -> (args, kwargs)` of the kernel
+                 ):
         if not callable(extractor):
             raise TypeError(f"Selector(extractor): extractor must be callable, got {type(extractor).__name__}")
         self.extractor = extractor
