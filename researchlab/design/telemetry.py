@@ -30,11 +30,16 @@ class Telemetry(ABC, Generic[S, C]):
     "Reports metrics and parameters of a run; observes the State and Config, never changes them."
 
     @abstractmethod
-    def log_metrics(self, metrics: Mapping[str, Scalar], step: int | jax.Array) -> None:
+    def log_metrics(self,
+                    metrics: Mapping[str, Scalar],  # metric name -> 0-d number or array
+                    step: int | jax.Array,  # the step the values belong to
+                    ) -> None:
         "Record scalar `metrics` (name → 0-d number or array) at `step`; must return quickly."
 
     @abstractmethod
-    def log_params(self, params: Mapping[str, object] | Config) -> None:
+    def log_params(self,
+                   params: Mapping[str, object] | Config,  # the run's parameters (nested mappings and Configs are flattened)
+                   ) -> None:
         "Record the run's parameters; nested mappings and Configs are flattened to dotted keys."
 
     def flush(self) -> None:
@@ -53,8 +58,12 @@ class Telemetry(ABC, Generic[S, C]):
 class ConsoleTelemetry(Telemetry[S, C]):
     "A `tqdm.auto` progress bar over steps with the latest metrics as postfix."
 
-    def __init__(self, total: int | None = None, desc: str | None = None, every: float = 0.2,
-                 file: io.TextIOBase | None = None):
+    def __init__(self,
+                 total: int | None = None,  # the number of steps the bar counts to (None: unknown)
+                 desc: str | None = None,  # the label in front of the bar
+                 every: float = 0.2,  # least seconds between two redraws
+                 file: io.TextIOBase | None = None,  # where a text bar is written (None: stderr)
+                 ):
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total, desc=desc, file=file, dynamic_ncols=True)
         self.every, self.params = every, {}
@@ -62,13 +71,18 @@ class ConsoleTelemetry(Telemetry[S, C]):
         self._step: int | jax.Array = 0
         self._last = -math.inf
 
-    def log_metrics(self, metrics: Mapping[str, Scalar], step: int | jax.Array) -> None:
+    def log_metrics(self,
+                    metrics: Mapping[str, Scalar],  # metric name -> 0-d number or array
+                    step: int | jax.Array,  # the step the values belong to
+                    ) -> None:
         self.latest.update({k: check_metric(k, v) for k, v in metrics.items()})
         self._step = step
         if time.monotonic() - self._last >= self.every:
             self.flush()
 
-    def log_params(self, params: Mapping[str, object] | Config) -> None:
+    def log_params(self,
+                   params: Mapping[str, object] | Config,  # the run's parameters (nested mappings and Configs are flattened)
+                   ) -> None:
         self.params.update(flatten_params(params))
 
     def flush(self) -> None:
@@ -88,14 +102,21 @@ class ConsoleTelemetry(Telemetry[S, C]):
 class MultiTelemetry(Telemetry[S, C]):
     "Forward every call to several telemetries (e.g. console + MLflow)."
 
-    def __init__(self, *telemetries: Telemetry[S, C]):
+    def __init__(self,
+                 *telemetries: Telemetry[S, C],  # the telemetries every call is forwarded to, in order
+                 ):
         self.telemetries = telemetries
 
-    def log_metrics(self, metrics: Mapping[str, Scalar], step: int | jax.Array) -> None:
+    def log_metrics(self,
+                    metrics: Mapping[str, Scalar],  # metric name -> 0-d number or array
+                    step: int | jax.Array,  # the step the values belong to
+                    ) -> None:
         for t in self.telemetries:
             t.log_metrics(metrics, step)
 
-    def log_params(self, params: Mapping[str, object] | Config) -> None:
+    def log_params(self,
+                   params: Mapping[str, object] | Config,  # the run's parameters (nested mappings and Configs are flattened)
+                   ) -> None:
         for t in self.telemetries:
             t.log_params(params)
 
