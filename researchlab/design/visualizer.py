@@ -22,7 +22,9 @@ from .core import S
 __all__ = ['as_frame', 'VideoRecorder', 'Visualizer']
 
 # %% ../../nbs/08_visualizer.ipynb #79862e8f
-def as_frame(frame: object, name: str = "frame") -> np.ndarray:
+def as_frame(frame: object,  # an image `[H, W, 3]` (RGB) or `[H, W, 4]` (RGBA), uint8 or float in `[0, 1]`
+             name: str = "frame",  # what the error messages call the frame
+             ) -> np.ndarray:
     "Validate an `H×W×3|4` image and return it as `uint8`; float frames must lie in `[0, 1]`."
     arr = np.asarray(frame)
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -59,7 +61,11 @@ def _rgb(frame: np.ndarray) -> np.ndarray:
 class VideoRecorder:
     "Write frames to an H.264 `.mp4` (streamed to imageio-ffmpeg's ffmpeg) or a `.gif`."
 
-    def __init__(self, path: str | Path | None = None, fps: int = 30, quality: float = 5.0):
+    def __init__(self,
+                 path: str | Path | None = None,  # the `.mp4` or `.gif` to write (None: a new temporary `.mp4`)
+                 fps: int = 30,  # frames per second
+                 quality: float = 5.0,  # imageio-ffmpeg quality of the H.264 stream, 0 (worst) to 10 (best)
+                 ):
         if path is None:
             path = Path(tempfile.mkdtemp(prefix="rlab-video-")) / "video.mp4"
         self.path, self.fps, self.quality = Path(path), int(fps), quality
@@ -72,7 +78,9 @@ class VideoRecorder:
         self._writer = None
         self._gif_frames: list[np.ndarray] = []
 
-    def append(self, frame: object) -> None:
+    def append(self,
+               frame: object,  # one image `[H, W, 3|4]`, uint8 or float in `[0, 1]`
+               ) -> None:
         "Add one frame (validated by `as_frame`); all frames must have the size of the first."
         if self.closed:
             raise RuntimeError(f"VideoRecorder({self.path}): append after close()")
@@ -88,7 +96,9 @@ class VideoRecorder:
             self._send(_pad_even(arr))
         self.num_frames += 1
 
-    def extend(self, frames: Iterable[object]) -> None:
+    def extend(self,
+               frames: Iterable[object],  # images, or an array `[N, H, W, 3|4]`
+               ) -> None:
         "Add several frames (an iterable, or an `N×H×W×C` array)."
         for f in frames:
             self.append(f)
@@ -120,7 +130,9 @@ class VideoRecorder:
                 self._gif_frames = []
         return self.path
 
-    def to_html(self, width: int | None = None) -> str:
+    def to_html(self,
+                width: int | None = None,  # display width in pixels (None: the video's own)
+                ) -> str:
         "An inline HTML5 `<video>` (mp4) or `<img>` (gif) with the file base64-encoded."
         data = base64.b64encode(self.close().read_bytes()).decode()
         w = f' width="{int(width)}"' if width else ""
@@ -132,7 +144,10 @@ class VideoRecorder:
     def _repr_html_(self) -> str:
         return self.to_html()
 
-    def log_to_mlflow(self, artifact_path: str = "videos", run_id: str | None = None) -> str:
+    def log_to_mlflow(self,
+                      artifact_path: str = "videos",  # the artifact folder of the run
+                      run_id: str | None = None,  # the MLflow run (None: the active one)
+                      ) -> str:
         "Log the file as an artifact of the active MLflow run (or `run_id`); returns the artifact URI."
         import mlflow  # imported here: the design layer does not need MLflow to import
 
@@ -156,21 +171,31 @@ class Visualizer(ABC, Generic[S]):
     Subclasses implement `draw(state)` (one frame) and may override `draw_batch(states)` with a vectorized
     renderer of a stacked rollout. A Visualizer only reads the State."""
 
-    def __init__(self, record: bool = False, fps: int | None = None, path: str | Path | None = None):
+    def __init__(self,
+                 record: bool = False,  # send every rendered frame to `_record` (a VideoRecorder by default)
+                 fps: int | None = None,  # frames per second of the recording (None: 30)
+                 path: str | Path | None = None,  # the video file of the recording (None: a temporary `.mp4`)
+                 ):
         self.record, self.fps, self.path = record, fps, path
         self.last_frame: np.ndarray | None = None
         self.recorder: VideoRecorder | None = None
 
     @abstractmethod
-    def draw(self, state: S) -> np.ndarray:
+    def draw(self,
+             state: S,  # the State to show
+             ) -> np.ndarray:
         "One `H×W×3|4` frame (uint8, or float in `[0, 1]`) showing `state`."
 
-    def draw_batch(self, states: S) -> np.ndarray:
+    def draw_batch(self,
+                   states: S,  # `N` States stacked on a leading axis
+                   ) -> np.ndarray:
         "Frames `N×H×W×C` of a State stacked on a leading axis (default: `draw` on each slice)."
         n = len(jax.tree_util.tree_leaves(states)[0])
         return np.stack([as_frame(self.draw(jax.tree_util.tree_map(lambda x: x[i], states))) for i in range(n)])
 
-    def render(self, state: S) -> np.ndarray:
+    def render(self,
+               state: S,  # the State to show
+               ) -> np.ndarray:
         "Draw `state`, validate the frame, keep it for `show()`, and record it when `record` is on."
         frame = as_frame(self.draw(state), f"{type(self).__name__}.draw")
         self.last_frame = frame
@@ -178,7 +203,9 @@ class Visualizer(ABC, Generic[S]):
             self._record(frame)
         return frame
 
-    def render_batch(self, states: S) -> np.ndarray:
+    def render_batch(self,
+                     states: S,  # `N` States stacked on a leading axis (a rollout)
+                     ) -> np.ndarray:
         "Render a stacked rollout (`N` states on the leading axis) to `N×H×W×C` frames."
         frames = np.asarray(self.draw_batch(states))
         if frames.ndim != 4:
