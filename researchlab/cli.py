@@ -33,7 +33,8 @@ def _demo(args: list[str]) -> int:
 _COMMANDS = {"demo": _demo, "upload": _upload}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,  # the arguments after `rlab` (None: `sys.argv[1:]`)
+         ) -> int:
     "`rlab` console script: `rlab demo [key=value ...] [--resume RUN_ID] [--help]`, `rlab upload SPOOL...`."
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):

@@ -64,8 +64,10 @@ ALGORITHM_PRESETS: Mapping[str, Mapping[str, object]] = MappingProxyType(
     {name: MappingProxyType(values) for name, values in _PRESETS.items()})  # read-only; copy to extend
 
 
-def create_algorithm_config(name: str, overrides: Mapping[str, object] | None = None,
-                            **kwargs: object) -> AlgorithmConfig:
+def create_algorithm_config(name: str,  # a preset of `ALGORITHM_PRESETS`
+                            overrides: Mapping[str, object] | None = None,  # fields to change, applied after the preset
+                            **kwargs: object,  # more fields to change, applied last
+                            ) -> AlgorithmConfig:
     "An `AlgorithmConfig` with the preset of `name`, then `overrides` and `kwargs` applied (unknown keys raise)."
     if name not in ALGORITHM_PRESETS:
         raise ValueError(f"create_algorithm_config: unknown algorithm {name!r}; presets are "
@@ -137,15 +139,17 @@ def compute_loss_by_algorithm(
     return table[config.name](config, batch)
 
 
-def compute_advantages_by_algorithm(config: AlgorithmConfig, rewards_P_G: jax.Array,
-                                    mask_P_G: jax.Array | None = None) -> jax.Array:
+def compute_advantages_by_algorithm(config: AlgorithmConfig,  # gives `scale_rewards` and `adv_eps`
+                                    rewards_P_G: jax.Array,  # one reward per completion, `[P, G]`
+                                    mask_P_G: jax.Array | None = None,  # 1 for real completions, `[P, G]`
+                                    ) -> jax.Array:
     "GRPO-family group advantages `[P, G]` with the config's `scale_rewards` and `adv_eps`."
     return compute_grpo_advantages(rewards_P_G, mask_P_G, scale=config.scale_rewards, eps=config.adv_eps)
 
 # %% ../../nbs/25_rl_algorithms.ipynb #a83bb07f
 class AlgorithmSchedule(Config):
     "Piecewise-constant algorithm by iteration: `milestones[i] = (start_iteration, config)`, starting at 0."
-    milestones: tuple[tuple[int, AlgorithmConfig], ...]
+    milestones: tuple[tuple[int, AlgorithmConfig], ...]  # `(start_iteration, config)` pairs, starts increasing from 0
 
     @model_validator(mode="after")
     def _check_milestones(self) -> Self:

@@ -12,13 +12,18 @@ import jax.numpy as jnp
 __all__ = ['shape_error', 'check_same_shape', 'check_ndim', 'check_nonempty', 'float_dtype', 'masked_means', 'masked_mean_std']
 
 # %% ../../nbs/19_rl_checks.ipynb #15c710cf
-def shape_error(fn: str, msg: str, **arrays: jax.Array | None) -> ValueError:
+def shape_error(fn: str,  # the function that refuses its arguments (the message starts with it)
+                msg: str,  # the rule that was broken
+                **arrays: jax.Array | None,  # the arrays received, by argument name (None is skipped)
+                ) -> ValueError:
     "The `ValueError` to raise: `fn: msg; received` and the shape of every array given that is not None."
     got = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items() if v is not None)
     return ValueError(f"{fn}: {msg}; received {got}")
 
 
-def check_same_shape(fn: str, **arrays: jax.Array | None) -> None:
+def check_same_shape(fn: str,  # the function checking its arguments, for the message
+                     **arrays: jax.Array | None,  # the arrays, by argument name (None is skipped)
+                     ) -> None:
     "All non-None `arrays` must have one shape."
     shapes = {tuple(v.shape) for v in arrays.values() if v is not None}
     if len(shapes) > 1:
@@ -27,28 +32,39 @@ def check_same_shape(fn: str, **arrays: jax.Array | None) -> None:
 
 
 # %% ../../nbs/19_rl_checks.ipynb #4e13d8ca
-def check_ndim(fn: str, name: str, x: jax.Array, ndim: int, letters: str) -> None:
+def check_ndim(fn: str,  # the function checking its arguments, for the message
+               name: str,  # the argument's name, for the message
+               x: jax.Array,  # the array to check
+               ndim: int,  # the number of axes it must have
+               letters: str,  # the axes' letters, e.g. `"P_G"`, for the message
+               ) -> None:
     "`x` must have exactly `ndim` axes (named by `letters`, e.g. 'P_G')."
     if x.ndim != ndim:
         raise ValueError(f"{fn}: {name} must have {ndim} axes [{letters.replace('_', ', ')}]; "
                          f"received shape {tuple(x.shape)}. Use jax.vmap for extra leading axes.")
 
 
-def check_nonempty(fn: str, name: str, x: jax.Array) -> None:
+def check_nonempty(fn: str,  # the function checking its arguments, for the message
+                   name: str,  # the argument's name, for the message
+                   x: jax.Array,  # the array to check
+                   ) -> None:
     "`x` must have no zero-length axis."
     if 0 in x.shape:
         raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); every axis needs at least one element")
 
 
 # %% ../../nbs/19_rl_checks.ipynb #da5c4d40
-def float_dtype(*xs: jax.Array) -> jnp.dtype:
+def float_dtype(*xs: jax.Array,  # the arrays whose floating dtypes are promoted together
+                ) -> jnp.dtype:
     "The floating dtype of the arguments (the default float when none is floating, e.g. int or bool)."
     floats = [x.dtype for x in xs if jnp.issubdtype(x.dtype, jnp.floating)]
     return jnp.result_type(*floats) if floats else jnp.result_type(float)
 
 
 # %% ../../nbs/19_rl_checks.ipynb #ebf9beca
-def masked_means(x_B_T: jax.Array, m_B_T: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def masked_means(x_B_T: jax.Array,  # per-token values, `[B, T]`
+                 m_B_T: jax.Array,  # 1 for real tokens, 0 for padding, `[B, T]`
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     "Masked `x` (zeros where `m` is 0), its token mean and its mean of per-sequence means (empty rows count 0)."
     masked = jnp.where(m_B_T > 0, x_B_T, 0.0)
     token = masked.sum() / jnp.maximum(m_B_T.sum(), 1.0)
@@ -57,7 +73,11 @@ def masked_means(x_B_T: jax.Array, m_B_T: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 # %% ../../nbs/19_rl_checks.ipynb #48d5a55c
-def masked_mean_std(x: jax.Array, mask: jax.Array, axis: int | None, ddof: int) -> tuple[jax.Array, jax.Array]:
+def masked_mean_std(x: jax.Array,  # values, any shape
+                    mask: jax.Array,  # 1 where `x` is valid, shape of `x`
+                    axis: int | None,  # the axis of the statistics (kept, size 1); None: all axes
+                    ddof: int,  # delta degrees of freedom of the std (0: population, 1: sample)
+                    ) -> tuple[jax.Array, jax.Array]:
     """Mean and std of `x` where `mask` is 1, over `axis` (kept); the std is 0 when at most `ddof` entries are valid.
 
     The statistics are computed around the largest valid value, so a group of equal values has a mean equal

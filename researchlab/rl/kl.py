@@ -115,7 +115,9 @@ def compute_forward_kl(
                            ("ref_logits_B_T_V", "logits_B_T_V"))
 
 # %% ../../nbs/22_rl_kl.ipynb #f1b71070
-def create_truncated_kl(threshold: float, estimator: KLEstimator | KLFn = "k3") -> KLFn:
+def create_truncated_kl(threshold: float,  # $\tau$ > 0, the bound of the per-token KL
+                        estimator: KLEstimator | KLFn = "k3",  # "k1", "k2", "k3" or a `KLFn` to clip
+                        ) -> KLFn:
     r"A `KLFn` whose per-token KL is clipped to $[-\tau, \tau]$, $\tau$ = `threshold` > 0."
     if not threshold > 0:
         raise ValueError(f"create_truncated_kl: threshold must be > 0; received {threshold!r}")
@@ -127,7 +129,9 @@ def create_truncated_kl(threshold: float, estimator: KLEstimator | KLFn = "k3") 
     return truncated_kl
 
 
-def create_adaptive_kl(confidence_threshold: float = 0.1, estimator: KLEstimator | KLFn = "k3") -> KLFn:
+def create_adaptive_kl(confidence_threshold: float = 0.1,  # least $\pi_\text{ref}(y_t)$, a probability in [0, 1]
+                       estimator: KLEstimator | KLFn = "k3",  # "k1", "k2", "k3" or a `KLFn`
+                       ) -> KLFn:
     r"A `KLFn` that keeps a token's KL only where $\pi_\text{ref}(y_t) \ge$ `confidence_threshold`, else 0."
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"create_adaptive_kl: confidence_threshold is a probability in [0, 1]; "

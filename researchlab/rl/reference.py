@@ -41,12 +41,14 @@ def _blend(ref: _Tree, policy: _Tree, weight: jax.Array) -> _Tree:
     return jax.tree.map(leaf, ref, policy)
 
 # %% ../../nbs/24_rl_reference.ipynb #3d0eb04b
-def create_reference_model(policy: _Tree) -> _Tree:
+def create_reference_model(policy: _Tree,  # the policy PyTree (an equinox Module, a dict of params)
+                           ) -> _Tree:
     "A reference copy of `policy` whose floating array leaves carry no gradient."
     return jax.tree.map(lambda x: jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, policy)
 
 # %% ../../nbs/24_rl_reference.ipynb #06b46afc
-def create_ema_updater(decay: float = 0.999) -> RefUpdateFn:
+def create_ema_updater(decay: float = 0.999,  # $\tau$ in [0, 1]: the weight kept on the reference
+                       ) -> RefUpdateFn:
     r"""An updater $\theta_\text{ref} \leftarrow \tau\theta_\text{ref} + (1 - \tau)\theta$ with $\tau$ = `decay`
     in [0, 1]; `step` is ignored. Jit-able; returns a PyTree of `ref`'s structure and dtypes."""
     if not 0.0 <= decay <= 1.0:
@@ -59,7 +61,9 @@ def create_ema_updater(decay: float = 0.999) -> RefUpdateFn:
     return ema_update
 
 # %% ../../nbs/24_rl_reference.ipynb #7daababe
-def create_periodic_updater(update_every: int, mixup_alpha: float = 1.0) -> RefUpdateFn:
+def create_periodic_updater(update_every: int,  # sync when `step % update_every == 0` (an int >= 1)
+                            mixup_alpha: float = 1.0,  # $\alpha$: the weight of the policy at a sync (1: copy it)
+                            ) -> RefUpdateFn:
     r"""An updater that sets $\theta_\text{ref} \leftarrow \alpha\theta + (1 - \alpha)\theta_\text{ref}$ when
     `step > 0` and `step % update_every == 0`, and returns `ref` unchanged otherwise."""
     if not (isinstance(update_every, int) and update_every >= 1):

@@ -111,7 +111,10 @@ def compute_overlong_punishment(
     return jnp.where(L > max_length, -1.0, jnp.minimum(0.0, ramp))
 
 
-def create_overlong_shaping(max_length: int, cache_length: int, key: str = "lengths") -> ShapingFn:
+def create_overlong_shaping(max_length: int,  # $L_\max$
+                            cache_length: int,  # $L_\text{cache}$, the width of the ramp
+                            key: str = "lengths",  # the feature that holds the completion lengths
+                            ) -> ShapingFn:
     "A shaping hook adding `compute_overlong_punishment(features[key], ...)` to the rewards."
     compute_overlong_punishment(jnp.zeros(1), max_length, cache_length)  # validate the arguments now
 

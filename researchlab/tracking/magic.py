@@ -57,7 +57,9 @@ def _tracker_args(f: Callable) -> Callable:
 class RlabMagics(Magics):
     "`%%rlab_run`, `%rlab_start` and `%rlab_stop`: tracked MLflow runs from a notebook."
 
-    def __init__(self, shell: InteractiveShell) -> None:
+    def __init__(self,
+                 shell: InteractiveShell,  # the IPython shell the magics run in
+                 ) -> None:
         super().__init__(shell)
         self.tracker: ExperimentTracker | None = None  # the run opened by %rlab_start
 
@@ -68,7 +70,10 @@ class RlabMagics(Magics):
 
     @_tracker_args
     @cell_magic
-    def rlab_run(self, line: str, cell: str) -> object:
+    def rlab_run(self,
+                 line: str,  # the rest of the `%%rlab_run` line: `EXPERIMENT [--name N] [--uri U] [--config VAR] [--resume ID]`
+                 cell: str,  # the code of the cell to run
+                 ) -> object:
         "Run the cell inside a tracked MLflow run (variable `tracker`); FAILED and re-raised on an exception."
         with self._tracker(line, self.rlab_run) as tracker:
             self.shell.user_ns["tracker"] = tracker
@@ -76,7 +81,9 @@ class RlabMagics(Magics):
 
     @_tracker_args
     @line_magic
-    def rlab_start(self, line: str) -> None:
+    def rlab_start(self,
+                   line: str,  # the rest of the `%rlab_start` line, as for `%%rlab_run`
+                   ) -> None:
         "Start a tracked run that spans cells (variable `tracker`); end it with %rlab_stop."
         if self.tracker is not None and self.tracker.active_run is not None:
             print(f"rlab: run {self.tracker.run_name!r} (experiment {self.tracker.experiment_name!r}) is already "
@@ -92,7 +99,9 @@ class RlabMagics(Magics):
         print(f"rlab: started run {tracker.run_name!r} in experiment {tracker.experiment_name!r} ({tracker.tracking_uri})")
 
     @line_magic
-    def rlab_stop(self, line: str) -> None:
+    def rlab_stop(self,
+                  line: str,  # the status to end with: FINISHED (when empty), FAILED or KILLED
+                  ) -> None:
         "End the run opened by %rlab_start: FINISHED, or the status given (`%rlab_stop FAILED`)."
         status = line.strip().upper() or "FINISHED"
         if status not in ("FINISHED", "FAILED", "KILLED"):
@@ -106,6 +115,7 @@ class RlabMagics(Magics):
         print(f"rlab: run {tracker.run_name!r} ended {status}")
 
 # %% ../../nbs/12_tracking_magic.ipynb #c833b1f7
-def load_ipython_extension(ipython: InteractiveShell) -> None:
+def load_ipython_extension(ipython: InteractiveShell,  # the shell that runs `%load_ext researchlab`
+                           ) -> None:
     "`%load_ext researchlab` registers the rlab magics."
     ipython.register_magics(RlabMagics)
