@@ -39,8 +39,12 @@ def _blend(img: jax.Array, coverage: jax.Array, color: tuple[float, float, float
     return img * (1.0 - c) + jnp.asarray(color, jnp.float32).reshape(1, 1, 3) * c
 
 # %% ../../nbs/32_cartpole_render.ipynb #8ad6cd3d
-def render_cartpole(state: EnvState, height: int = 320, width: int = 480, x_threshold: float = 2.4,
-                    pole_half_length: float = 0.5) -> jax.Array:
+def render_cartpole(state: EnvState,  # one gymnax CartPole state (scalar `x`, `theta`)
+                    height: int = 320,  # frame height in pixels
+                    width: int = 480,  # frame width in pixels
+                    x_threshold: float = 2.4,  # cart position at the frame's edges (the episode's bound)
+                    pole_half_length: float = 0.5,  # half the pole's length, in the units of `x`
+                    ) -> jax.Array:
     r"""Draw one CartPole state as an RGB frame.
 
     A pixel's coverage by a shape with signed distance $d$ (negative inside) is
@@ -83,7 +87,11 @@ def render_cartpole(state: EnvState, height: int = 320, width: int = 480, x_thre
     return jnp.round(img).astype(jnp.uint8)
 
 # %% ../../nbs/32_cartpole_render.ipynb #c1a135ab
-def render_frames(states_T: EnvState, height: int = 320, width: int = 480, chunk: int = 32) -> jax.Array:
+def render_frames(states_T: EnvState,  # CartPole states stacked on a leading axis `[T]`
+                  height: int = 320,  # frame height in pixels
+                  width: int = 480,  # frame width in pixels
+                  chunk: int = 32,  # frames drawn per vectorized batch (bounds the memory)
+                  ) -> jax.Array:
     "Frames `(T, height, width, 3)` uint8 of the states stacked on the leading axis of `states_T`."
     _check_size(height, width)
     return jax.lax.map(lambda s: render_cartpole(s, height, width), states_T, batch_size=chunk)
@@ -103,25 +111,39 @@ def _env_state(state: EnvState | PPOState) -> EnvState:
 class CartPoleVisualizer(Visualizer):
     "Draws CartPole states with `render_cartpole` (jnp, jitted); CartPole runs at 50 frames per second."
 
-    def __init__(self, height: int = 320, width: int = 480, record: bool = False, fps: int = 50,
-                 path: str | Path | None = None):
+    def __init__(self,
+                 height: int = 320,  # frame height in pixels
+                 width: int = 480,  # frame width in pixels
+                 record: bool = False,  # record every rendered frame into a video
+                 fps: int = 50,  # frames per second of the recording (CartPole's own rate)
+                 path: str | Path | None = None,  # the video file (None: a temporary `.mp4`)
+                 ):
         super().__init__(record=record, fps=fps, path=path)
         _check_size(height, width)
         self.height, self.width = height, width
 
-    def draw(self, state: EnvState | PPOState) -> np.ndarray:
+    def draw(self,
+             state: EnvState | PPOState,  # one CartPole state, or a PPO State (its first environment is drawn)
+             ) -> np.ndarray:
         "One frame of `state` (a `PPOState` shows its first environment)."
         return np.asarray(_render_frames(jax.tree.map(lambda a: a[None], _env_state(state)),
                                          height=self.height, width=self.width)[0])
 
-    def draw_batch(self, states: EnvState) -> np.ndarray:
+    def draw_batch(self,
+                   states: EnvState,  # CartPole states stacked on a leading axis `[T]`
+                   ) -> np.ndarray:
         "Frames `(T, H, W, 3)` of CartPole states stacked on the leading axis, in one jitted call."
         return np.asarray(_render_frames(states, height=self.height, width=self.width))
 
 # %% ../../nbs/32_cartpole_render.ipynb #703c54f1
-def record_episode(model: ActorCritic, config: PPOConfig, path: str | Path | None = None,
-                   key: jax.Array | None = None, max_steps: int = 500, height: int = 320,
-                   width: int = 480) -> tuple[VideoRecorder, int]:
+def record_episode(model: ActorCritic,  # the policy, played greedily
+                   config: PPOConfig,  # the PPO run's config (environment and seed)
+                   path: str | Path | None = None,  # the `.mp4` to write (None: a temporary file)
+                   key: jax.Array | None = None,  # PRNG key of the episode (None: from `config.seed`)
+                   max_steps: int = 500,  # the longest episode recorded
+                   height: int = 320,  # frame height in pixels
+                   width: int = 480,  # frame width in pixels
+                   ) -> tuple[VideoRecorder, int]:
     "Play one greedy episode of `model`, render it and write it as mp4: `(finished VideoRecorder, episode length)`."
     key = jax.random.key(config.seed) if key is None else key
     states, length, _ = jax.jit(rollout_episode, static_argnames=("config", "max_steps"))(
