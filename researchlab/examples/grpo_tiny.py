@@ -26,26 +26,32 @@ VOCAB = 13
 PROMPT_LEN = 4  # <bos> t1 t0 =
 
 
-def encode_prompts(targets_P: jax.Array) -> jax.Array:
+def encode_prompts(targets_P: jax.Array,  # target sums 0..99, `[P]`
+                   ) -> jax.Array:
     "Prompt tokens `(P, 4)`: `<bos>`, the target's tens and units digits, `=`."
     t = targets_P.astype(jnp.int32)
     n = t.shape[0]
     return jnp.stack([jnp.full((n,), BOS), t // 10, t % 10, jnp.full((n,), EQ)], axis=1).astype(jnp.int32)
 
 
-def completion_mask(completions_B_T: jax.Array) -> jax.Array:
+def completion_mask(completions_B_T: jax.Array,  # sampled tokens, `[B, T]`
+                    ) -> jax.Array:
     "1 for the completion tokens up to and including the first `<eos>`, 0 after it, `(B, T)` float32."
     ended_before = jnp.cumsum(completions_B_T == EOS, axis=1) - (completions_B_T == EOS)
     return (ended_before == 0).astype(jnp.float32)
 
 
-def digit_sums(completions_B_T: jax.Array) -> jax.Array:
+def digit_sums(completions_B_T: jax.Array,  # sampled tokens, `[B, T]`
+               ) -> jax.Array:
     "Sum of the digit tokens before the first `<eos>` (non-digit tokens count 0), `(B,)` int32."
     m = completion_mask(completions_B_T) * (completions_B_T < 10)
     return jnp.sum(jnp.where(m > 0, completions_B_T, 0), axis=1).astype(jnp.int32)
 
 
-def sum_reward(completions_B_T: jax.Array, targets_B: jax.Array, tolerance: float = 5.0) -> jax.Array:
+def sum_reward(completions_B_T: jax.Array,  # sampled tokens, `[B, T]`
+               targets_B: jax.Array,  # the target sum of each completion, `[B]`
+               tolerance: float = 5.0,  # the distance from the target at which the reward reaches 0
+               ) -> jax.Array:
     r"Verifiable reward $\max(0, 1 - |\text{sum} - \text{target}| / \text{tolerance})$: 1 exactly when the digits sum to the target."
     err = jnp.abs(digit_sums(completions_B_T) - targets_B.astype(jnp.int32)).astype(jnp.float32)
     return jnp.maximum(0.0, 1.0 - err / tolerance)
@@ -97,7 +103,15 @@ class TinyLM(eqx.Module):
     norm: eqx.nn.LayerNorm
     head: eqx.nn.Linear
 
-    def __init__(self, vocab: int, max_len: int, d: int = 64, layers: int = 2, heads: int = 4, *, key: jax.Array):
+    def __init__(self,
+                 vocab: int,  # V, the number of token ids
+                 max_len: int,  # L, the longest sequence (size of the learned positions)
+                 d: int = 64,  # D, the model width
+                 layers: int = 2,  # the number of transformer blocks
+                 heads: int = 4,  # attention heads per block (they divide `d`)
+                 *,
+                 key: jax.Array,  # PRNG key of the initialization
+                 ):
         keys = jax.random.split(key, layers + 3)
         self.embed = eqx.nn.Embedding(vocab, d, key=keys[0])
         self.pos = 0.02 * jax.random.normal(keys[1], (max_len, d))
@@ -123,18 +137,18 @@ class GRPOConfig(Config):
     max_new_tokens: int = Field(4, gt=0)  # T completion tokens
     max_target: int = Field(18, ge=0, le=99)  # targets are drawn uniformly from 0..max_target
     tolerance: float = Field(5.0, gt=0)  # reward falls to 0 at this distance from the target
-    d_model: int = Field(64, gt=0)
-    num_layers: int = Field(2, gt=0)
-    num_heads: int = Field(4, gt=0)
+    d_model: int = Field(64, gt=0)  # model width D
+    num_layers: int = Field(2, gt=0)  # transformer blocks
+    num_heads: int = Field(4, gt=0)  # attention heads (they divide d_model)
     lr: float = Field(1e-3, gt=0)  # Adam learning rate
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)  # global-norm gradient clipping
     inner_steps: int = Field(2, gt=0)  # gradient steps on each sampled batch (ratio ≠ 1 after the first)
     beta: float = Field(0.02, ge=0)  # weight of the k3 KL to the reference
     ref_decay: float = Field(0.95, ge=0, le=1)  # EMA decay of the reference policy per update
     eps_low: float = Field(0.2, gt=0)  # DAPO clip range below 1
     eps_high: float = Field(0.28, gt=0)  # DAPO clip-higher above 1
     temperature: float = Field(1.0, gt=0)  # sampling temperature
-    seed: int = 0
+    seed: int = 0  # seed of the run's PRNG key
 
     @model_validator(mode="after")
     def _check(self) -> GRPOConfig:
@@ -150,19 +164,22 @@ class GRPOConfig(Config):
 
 class GRPOState(State):
     "Policy, EMA reference, optimizer state, clock and RNG of a GRPO run."
-    model: TinyLM
-    ref_model: TinyLM
-    opt_state: optax.OptState
-    clock: Clock
-    rng: jax.Array
+    model: TinyLM  # the policy being trained
+    ref_model: TinyLM  # the EMA reference of the KL term
+    opt_state: optax.OptState  # the optimizer's state
+    clock: Clock  # steps taken
+    rng: jax.Array  # the PRNG key carried through the run
 
 
-def make_grpo_optimizer(config: GRPOConfig) -> optax.GradientTransformation:
+def make_grpo_optimizer(config: GRPOConfig,  # gives `lr` and `max_grad_norm`
+                        ) -> optax.GradientTransformation:
     "Global-norm clipping then Adam."
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(config.lr))
 
 
-def init_grpo(config: GRPOConfig, key: jax.Array | None = None) -> GRPOState:
+def init_grpo(config: GRPOConfig,  # the run's hyper-parameters
+              key: jax.Array | None = None,  # PRNG key (None: from `config.seed`)
+              ) -> GRPOState:
     "A fresh `GRPOState`: a randomly initialised policy and a reference equal to it."
     key = jax.random.key(config.seed) if key is None else key
     key, k_model = jax.random.split(key)
@@ -178,8 +195,12 @@ def _completion_logits(logits_V: jax.Array) -> jax.Array:
     return jnp.where(allowed, logits_V, -1e9)
 
 
-def sample_completions(model: TinyLM, prompts_B_4: jax.Array, key: jax.Array, max_new_tokens: int,
-                       temperature: float = 1.0) -> jax.Array:
+def sample_completions(model: TinyLM,  # the policy
+                       prompts_B_4: jax.Array,  # encoded prompts, `[B, 4]`
+                       key: jax.Array,  # PRNG key of the sampling
+                       max_new_tokens: int,  # T, tokens sampled per completion
+                       temperature: float = 1.0,  # divides the logits before sampling
+                       ) -> jax.Array:
     "Sample `(B, T)` completion tokens for prompts `(B, 4)`."
     b = prompts_B_4.shape[0]
     seq = jnp.concatenate([prompts_B_4, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
@@ -195,23 +216,35 @@ def sample_completions(model: TinyLM, prompts_B_4: jax.Array, key: jax.Array, ma
     return seq[:, PROMPT_LEN:]
 
 
-def completion_logprobs(model: TinyLM, prompts_B_4: jax.Array, completions_B_T: jax.Array) -> jax.Array:
+def completion_logprobs(model: TinyLM,  # the policy (or the reference)
+                        prompts_B_4: jax.Array,  # encoded prompts, `[B, 4]`
+                        completions_B_T: jax.Array,  # sampled tokens, `[B, T]`
+                        ) -> jax.Array:
     "Log-probabilities `(B, T)` of the completion tokens under `model` (one forward pass)."
     seq = jnp.concatenate([prompts_B_4, completions_B_T], axis=1)
     logp = jax.nn.log_softmax(_completion_logits(jax.vmap(model)(seq)[:, PROMPT_LEN - 1:-1]))
     return jnp.take_along_axis(logp, completions_B_T[..., None], axis=-1)[..., 0]
 
 # %% ../../nbs/33_grpo_tiny.ipynb #8d836ced
-def grpo_loss(model: TinyLM, prompts_B_4: jax.Array, completions_B_T: jax.Array, mask_B_T: jax.Array,
-              advantages_B: jax.Array, old_logprobs_B_T: jax.Array, ref_logprobs_B_T: jax.Array,
-              config: GRPOConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+def grpo_loss(model: TinyLM,  # the policy being trained
+              prompts_B_4: jax.Array,  # encoded prompts, `[B, 4]`
+              completions_B_T: jax.Array,  # sampled tokens, `[B, T]`
+              mask_B_T: jax.Array,  # 1 up to and including `<eos>`, `[B, T]`
+              advantages_B: jax.Array,  # group-relative advantages, `[B]`
+              old_logprobs_B_T: jax.Array,  # log-probs under the sampling policy, `[B, T]`
+              ref_logprobs_B_T: jax.Array,  # log-probs under the reference, `[B, T]`
+              config: GRPOConfig,  # gives `beta`, `eps_low`, `eps_high`
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
     "DAPO loss (token-level aggregation, clip-higher) with `beta`·KL to the reference, and its diagnostics."
     logprobs_B_T = completion_logprobs(model, prompts_B_4, completions_B_T)
     return compute_dapo_loss(logprobs_B_T, advantages_B, mask_B_T, old_logprobs_B_T, ref_logprobs_B_T,
                              beta=config.beta, eps_low=config.eps_low, eps_high=config.eps_high, loss_agg="token")
 
 
-def grpo_step(state: GRPOState, config: GRPOConfig, batch: object = None) -> tuple[GRPOState, dict[str, jax.Array]]:
+def grpo_step(state: GRPOState,  # the run so far
+              config: GRPOConfig,  # the run's hyper-parameters
+              batch: object = None,  # unused: the step samples its own batch
+              ) -> tuple[GRPOState, dict[str, jax.Array]]:
     "One GRPO update on freshly sampled groups; `batch` is unused (the task generates its own prompts)."
     P, G = config.num_prompts, config.group_size
     rng, k_target, k_sample = jax.random.split(state.rng, 3)
@@ -248,7 +281,8 @@ def grpo_step(state: GRPOState, config: GRPOConfig, batch: object = None) -> tup
     return new_state, metrics
 
 # %% ../../nbs/33_grpo_tiny.ipynb #89b00d71
-def decode_completion(tokens_T: np.ndarray | jax.Array) -> str:
+def decode_completion(tokens_T: np.ndarray | jax.Array,  # one completion's tokens, `[T]`
+                      ) -> str:
     "Text of one completion: digits joined by `+`, stopping at `<eos>`."
     out = []
     for t in np.asarray(tokens_T).tolist():
@@ -258,7 +292,11 @@ def decode_completion(tokens_T: np.ndarray | jax.Array) -> str:
     return "+".join(out) if out else "(empty)"
 
 
-def show_samples(model: TinyLM, config: GRPOConfig, targets: list[int] | tuple[int, ...], key: jax.Array) -> list[str]:
+def show_samples(model: TinyLM,  # the policy to sample from
+                 config: GRPOConfig,  # gives `max_new_tokens`, `temperature`, `tolerance`
+                 targets: list[int] | tuple[int, ...],  # the target sums to prompt with
+                 key: jax.Array,  # PRNG key of the sampling
+                 ) -> list[str]:
     "One sampled completion per target, as lines `target = d+d+... ✓/✗ (sum)`."
     t = jnp.asarray(targets, jnp.int32)
     comp = jax.jit(sample_completions, static_argnames=("max_new_tokens", "temperature"))(
