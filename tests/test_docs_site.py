@@ -185,8 +185,8 @@ def _api(module: str) -> Iterator[tuple[str, object]]:
             fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
             if attr.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != module:
                 continue
-            if any(attr in vars(base) for base in obj.__mro__[1:]):
-                continue
+            if any(attr in vars(base) for base in obj.__mro__[1:]) or attr in ("tree_flatten", "tree_unflatten"):
+                continue  # overrides, and JAX's PyTree protocol, which JAX calls and a reader doesn't
             yield f"{public}.{attr}", getattr(obj, attr)
 
 

@@ -255,7 +255,7 @@ class ParamTableRenderer(MarkdownRenderer):
             default = "" if p.default is empty else f"`{_cell(repr(p.default) if isinstance(p.default, str) else p.default)}`"
             rows.append(f"| {star}{k} | {_cell(p.anno)} | {default} | {_cell(p.docment or '')} |")
         ret = self.returns
-        if ret is not None and (ret.get("anno", empty) not in (empty, None) or ret.get("docment")):
+        if ret is not None and (ret.get("anno", empty) not in (empty, None, "None") or ret.get("docment")):
             rows.append(f"| **Returns** | {_cell(ret.get('anno', empty))} |  | {_cell(ret.get('docment') or '')} |")
         return "\n".join(rows)
 
