@@ -30,8 +30,8 @@ from .core import C, Config, S
 from .utils import fingerprint, first_difference
 
 # %% auto #0
-__all__ = ['Persister', 'CheckpointError', 'CheckpointVersionError', 'DiskFullError', 'disk_full_error', 'atomic_write',
-           'EquinoxPersister', 'CheckpointManager', 'OrbaxPersister']
+__all__ = ['Persister', 'CheckpointError', 'CheckpointVersionError', 'DiskFullError', 'atomic_write', 'EquinoxPersister',
+           'CheckpointManager', 'OrbaxPersister']
 
 # %% ../../nbs/06_persist.ipynb #41cc61f7
 class Persister(ABC, Generic[S, C]):
@@ -108,17 +108,17 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def disk_full_error(path: Path,  # the file or folder the save was writing
-                    ) -> DiskFullError:
+def _disk_full_error(path: Path,  # the file or folder the save was writing
+                     ) -> DiskFullError:
     "The `DiskFullError` for a save of `path` that ran out of space: names the folder and its free space."
     folder = Path(path).parent
     try:
         free = f"{shutil.disk_usage(folder).free:,} bytes free"
     except OSError:
         free = "free space unknown"
-    return DiskFullError(errno.ENOSPC, f"disk full: no space left in {folder} ({free}) while writing {Path(path).name}; "
-                                       f"what this save wrote was removed and older checkpoints are kept; free some "
-                                       f"space or write checkpoints to another folder")
+    return DiskFullError(errno.ENOSPC, f"disk full: no space left in {folder} while writing {Path(path).name} "
+                                       f"({free} after removing what this save wrote); older checkpoints are kept; "
+                                       f"free some space or write checkpoints to another folder")
 
 
 def atomic_write(path: Path,  # the file to write; its folder must exist
@@ -138,7 +138,7 @@ def atomic_write(path: Path,  # the file to write; its folder must exist
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if _is_disk_full(e):
-            raise disk_full_error(path) from e
+            raise _disk_full_error(path) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -617,7 +617,7 @@ class OrbaxPersister(Persister[S, C]):
             if old.exists() and not path.exists():
                 os.replace(old, path)
             if _is_disk_full(e):
-                raise disk_full_error(path) from e
+                raise _disk_full_error(path) from e
             raise
         _remove(old)
         return path
