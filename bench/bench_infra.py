@@ -3,7 +3,8 @@
 1. A loop of a ~3 ms jitted step logging 10 metrics per step to a real `mlflow server` through
    `MLFlowTelemetry`: loop wall time <= 1.05x the same loop without telemetry (target). For reference it
    also times plain `mlflow.log_metrics` per step.
-2. `EquinoxPersister.save` of a 400 MB state: throughput >= 0.8x one `write` + `fsync` of the same bytes.
+2. `EquinoxPersister.save` of a 400 MB state (a crc32 per leaf) and its verified `load` (every checksum checked):
+   throughput of each >= 0.8x one `write` + `fsync` of the same bytes.
 3. Encoding 500 frames of 400x600 to H.264 mp4 with `VideoRecorder`: frames per second (no target; printed
    next to `imageio.v3.imwrite` of the same frames).
 
@@ -152,7 +153,7 @@ def bench_save(state_mb: int, repeats: int, directory: Path | None) -> bool:
     raw = b"".join(np.asarray(leaf).tobytes() for leaf in jax.tree_util.tree_leaves(state)
                    if not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key))
     nbytes = len(raw)
-    base, eqx_times = [], []
+    base, eqx_times, load_times = [], [], []
     p = EquinoxPersister()
     for _ in range(repeats):
         path = directory / "raw.bin"
@@ -166,14 +167,20 @@ def bench_save(state_mb: int, repeats: int, directory: Path | None) -> bool:
         t0 = time.perf_counter()
         out = p.save(state, None, 3, directory / "ckpt.eqx")
         eqx_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        loaded, _, _ = p.load(out, state, None)  # reads every leaf and checks its crc32
+        jax.block_until_ready(loaded)
+        load_times.append(time.perf_counter() - t0)
+        del loaded
         out.unlink()
     directory.rmdir()
-    b, e = min(base), min(eqx_times)
-    ratio = b / e  # throughput ratio: same bytes, so time_base / time_eqx
-    print(f"[save] {nbytes / 2**20:.0f} MB: write+fsync {nbytes / b / 2**20:.0f} MB/s, EquinoxPersister.save "
-          f"{nbytes / e / 2**20:.0f} MB/s")
-    ok = ratio >= 0.8
-    print(f"[save] throughput ratio {ratio:.3f}x (target >= 0.8x): {'OK' if ok else 'MISSED'}")
+    b, e, v = min(base), min(eqx_times), min(load_times)
+    ok = True
+    for name, t in (("EquinoxPersister.save", e), ("EquinoxPersister.load (verified)", v)):
+        ratio = b / t  # throughput ratio: same bytes, so time_base / time
+        print(f"[save] {nbytes / 2**20:.0f} MB: write+fsync {nbytes / b / 2**20:.0f} MB/s, {name} "
+              f"{nbytes / t / 2**20:.0f} MB/s: ratio {ratio:.3f}x (target >= 0.8x): {'OK' if ratio >= 0.8 else 'MISSED'}")
+        ok &= ratio >= 0.8
     return ok
 
 

@@ -38,7 +38,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "MLFlowTelemetry", "upload_spool", "upload_main",
     ),
     "researchlab.design.persist": (
-        "Persister", "atomic_write", "EquinoxPersister", "CheckpointManager", "OrbaxPersister",
+        "Persister", "CheckpointError", "CheckpointVersionError", "DiskFullError", "atomic_write", "EquinoxPersister",
+        "CheckpointManager", "OrbaxPersister",
     ),
     "researchlab.design.visualizer": (
         "as_frame", "VideoRecorder", "Visualizer",

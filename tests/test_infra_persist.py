@@ -197,6 +197,7 @@ _CHILD = textwrap.dedent("""
     latest = mgr.latest()
     step = 0 if latest is None else int(latest.name[5:15])
     rng = np.random.default_rng(step)
+    jax.block_until_ready(jnp.int32(0))  # start JAX's backend first: "ready" means the next save starts at once
     print("ready", flush=True)
     while True:
         step += 1
