@@ -50,8 +50,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "loop_widget",
     ),
     "researchlab.tracking.utils": (
-        "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "get_git_state",
-        "find_run_by_rlab_id", "generate_run_id", "log_flattened_params",
+        "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "SECRET_PATTERNS",
+        "get_git_state", "find_run_by_rlab_id", "generate_run_id", "log_flattened_params",
     ),
     "researchlab.tracking.tracker": (
         "project_root", "resolve_tracking_uri", "find_notebook_path", "ExperimentTracker",

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -104,6 +104,7 @@ def _git_tags(state: GitState | None, resumed: bool) -> dict[str, str]:
             "mlflow.source.git.commit": state["base_commit"] or "", "mlflow.source.git.branch": state["branch"] or "",
             "rlab.git.remote": _tag(state["remote_url"] or ""), "mlflow.source.git.repoURL": _tag(state["remote_url"] or ""),
             "rlab.git.skipped": _tag(", ".join(sorted(state["skipped"]))),
+            "rlab.git.excluded": _tag(", ".join(sorted(state["excluded"]))),
             "rlab.git.submodules": _tag(state["submodules"]) if state["submodules"] else ""}
     return {k: v for k, v in tags.items() if v != ""}
 
@@ -203,6 +204,7 @@ class ExperimentTracker:
                  config: str | os.PathLike | Config | Mapping[str, object] | None = None,  # logged on entry
                  repo_path: str | os.PathLike = ".",  # where to look for the git repository
                  max_untracked_bytes: int = 5 * 2**20,  # untracked files larger than this stay out of the patch
+                 exclude_untracked: Sequence[str] | None = None,  # globs of untracked files kept out; None: SECRET_PATTERNS
                  log_notebook: bool = True,  # log the notebook file when running under Jupyter
                  tags: Mapping[str, str] | None = None,  # extra run tags
                  ) -> None:
@@ -215,6 +217,7 @@ class ExperimentTracker:
         self.experiment_name, self.run_name, self.resume = experiment_name, run_name, resume
         self.tracking_uri = resolve_tracking_uri(tracking_uri, repo_path)
         self.config, self.repo_path, self.max_untracked_bytes = config, repo_path, max_untracked_bytes
+        self.exclude_untracked = exclude_untracked
         self.log_notebook, self.tags = log_notebook, dict(tags or {})
         self.client = MlflowClient(self.tracking_uri)
         self.active_run: mlflow.ActiveRun | None = None  # the MLflow run while the tracker is active
@@ -242,7 +245,7 @@ def __enter__(self: ExperimentTracker) -> Self:
                                                   _sqlite_artifact_location(self.tracking_uri),
                                                   where="ExperimentTracker")
     existing = _existing_run(self.client, self.run_name, self.resume, self.experiment_id, self.tracking_uri)
-    self.git_state = get_git_state(self.repo_path, self.max_untracked_bytes)
+    self.git_state = get_git_state(self.repo_path, self.max_untracked_bytes, self.exclude_untracked)
     self.notebook_path = find_notebook_path() if self.log_notebook else None
     self._notebook_mtime = self.notebook_path.stat().st_mtime_ns if self.notebook_path else None
     generated = self.run_name is None
