@@ -4,6 +4,7 @@ a tracking URI or MLflow's environment never reach a spool file, stderr, a warni
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -121,3 +122,57 @@ def test_tracker_tags_the_excluded_files_and_passes_the_override(tmp_path: Path,
             mlflow.end_run()
         mlflow.set_tracking_uri(None)
     assert git(repo, "status", "--porcelain")  # the work tree is as the user left it
+
+
+# ---- credentials in the tracking URI and MLflow's environment ------------------------------------------------
+
+def test_redact_hides_url_passwords_and_mlflow_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    from researchlab.design.mlflow_rules import redact
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-0123456789")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-abcdef")
+    assert redact("http://alice:s3cret@127.0.0.1:5000/x") == "http://alice:***@127.0.0.1:5000/x"
+    assert redact("see https://bob:p%40ss@host and ftp://c:d@e") == "see https://bob:***@host and ftp://c:***@e"
+    assert redact("bearer tok-0123456789, basic pw-abcdef") == "bearer ***, basic ***"
+    for unchanged in ("sqlite:////tmp/mlflow.db", "http://127.0.0.1:5000", "http://alice@host:1", "git@github.com:o/r"):
+        assert redact(unchanged) == unchanged
+
+
+def test_credentials_in_the_uri_reach_no_output_and_the_spool_uploads_without_them(
+        fresh_mlflow_server, tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from researchlab.design.mlflow_telemetry import MLFlowTelemetry, upload_main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-0123456789")  # sent as a bearer token, ignored by this server
+    secret_uri = f"http://alice:s3cret-pw@127.0.0.1:{fresh_mlflow_server.port}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tel = MLFlowTelemetry(tracking_uri=secret_uri, experiment="redact", spool_dir=tmp_path, interval=0.1,
+                              max_backoff=0.2, request_timeout=1.0, close_timeout=1.0)
+        for t in range(10):
+            tel.log_metrics({"x": t}, step=t)
+        assert tel.flush(timeout=30)
+        fresh_mlflow_server.stop()
+        for t in range(10, 20):
+            tel.log_metrics({"x": t}, step=t)
+        tel.flush(timeout=1.0)
+        spool = tel.close()
+    shown = capfd.readouterr().err + "\n".join(str(w.message) for w in caught) + repr(tel)
+    stored = spool.read_text()
+    assert "rlab upload" in shown and "cannot reach" in shown  # the messages are there ...
+    for secret in ("s3cret-pw", "tok-0123456789"):  # ... without the secrets
+        assert secret not in shown and secret not in stored
+    header = [json.loads(line) for line in stored.splitlines() if "run_id" in line][0]
+    assert header["tracking_uri"] == f"http://alice:***@127.0.0.1:{fresh_mlflow_server.port}"
+    fresh_mlflow_server.start()
+    assert upload_main(["upload", str(spool)]) == 0  # the password is not needed again (this server asks none)
+    history = MlflowClient(fresh_mlflow_server.uri).get_metric_history(tel.run_id, "x")
+    assert sorted(m.step for m in history) == list(range(20))
+
+
+def test_tracker_shows_no_credentials(tmp_path: Path) -> None:
+    from researchlab.tracking.tracker import ExperimentTracker
+
+    tracker = ExperimentTracker("x", tracking_uri="http://alice:s3cret-pw@127.0.0.1:1", repo_path=tmp_path)
+    assert "s3cret-pw" not in repr(tracker) and "alice:***@127.0.0.1:1" in repr(tracker)

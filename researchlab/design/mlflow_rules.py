@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
 
 # %% auto #0
 __all__ = ['MAX_KEY_LENGTH', 'MAX_PARAM_VALUE_LENGTH', 'MAX_TAG_VALUE_LENGTH', 'MAX_ENTRIES_PER_BATCH', 'MAX_PARAMS_PER_BATCH',
-           'KEY_CHARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params', 'param_value',
-           'get_or_create_experiment', 'active_run_id']
+           'KEY_CHARS', 'SECRET_ENV_VARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params',
+           'param_value', 'get_or_create_experiment', 'active_run_id', 'redact']
 
 # %% ../../nbs/04_mlflow_rules.ipynb #2ce0f60c
 MAX_KEY_LENGTH = 250
@@ -141,7 +142,7 @@ def get_or_create_experiment(client: MlflowClient,  # the tracking store to look
             if exp is None:
                 raise
     if exp.lifecycle_stage != "active":
-        raise ValueError(f"{where}: experiment {name!r} (id {exp.experiment_id}) is deleted in {client.tracking_uri}; "
+        raise ValueError(f"{where}: experiment {name!r} (id {exp.experiment_id}) is deleted in {redact(client.tracking_uri)}; "
                          "restore it (MlflowClient().restore_experiment) or choose another name")
     return exp.experiment_id
 
@@ -158,3 +159,20 @@ def active_run_id(run_id: str | None = None,  # an MLflow run id; None: the acti
         raise RuntimeError(f"{where}: no active MLflow run; start one (ExperimentTracker, %rlab_start or "
                            "mlflow.start_run()) or pass run_id=...")
     return active.info.run_id
+
+# %% ../../nbs/04_mlflow_rules.ipynb #5e20b39d
+SECRET_ENV_VARS: tuple[str, ...] = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN",
+                                    "MLFLOW_TRACKING_CLIENT_SECRET")
+"Environment variables whose values `redact` hides wherever they appear."
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<password>[^/\s@]*)@")
+
+
+def redact(text: str,  # any text: a URI, a message, a spool line
+           ) -> str:
+    "`text` with URL passwords shown as `user:***@` and the values of `SECRET_ENV_VARS` as `***`."
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:  # a one-letter value would redact every occurrence of that letter
+            text = text.replace(value, "***")
+    return text

@@ -34,7 +34,7 @@ from researchlab.tracking.utils import (
 )
 
 from ..design.core import Config
-from ..design.mlflow_rules import MAX_TAG_VALUE_LENGTH, get_or_create_experiment
+from ..design.mlflow_rules import MAX_TAG_VALUE_LENGTH, get_or_create_experiment, redact
 
 # %% auto #0
 __all__ = ['project_root', 'resolve_tracking_uri', 'find_notebook_path', 'ExperimentTracker']
@@ -118,7 +118,7 @@ def _existing_run(client: MlflowClient, run_name: str | None, resume: bool, expe
         raise ValueError(f"ExperimentTracker: run {run_name!r} already exists (MLflow run {run.info.run_id}, "
                          f"experiment id {run.info.experiment_id}); pass resume=True to continue it, or another run_name")
     if run is None and resume:
-        raise LookupError(f"ExperimentTracker: no run {run_name!r} to resume in {uri}; drop resume=True to start it")
+        raise LookupError(f"ExperimentTracker: no run {run_name!r} to resume in {redact(uri)}; drop resume=True to start it")
     if run is not None and run.info.experiment_id != experiment_id:
         raise ValueError(f"ExperimentTracker: run {run_name!r} belongs to experiment id {run.info.experiment_id}, "
                          f"not to id {experiment_id}; pass that experiment's name to resume it")
@@ -230,7 +230,7 @@ class ExperimentTracker:
 
     def __repr__(self) -> str:
         state = "active" if self.active_run else (self.status or "not started")
-        return f"ExperimentTracker({self.experiment_name!r}, run_name={self.run_name!r}, {state}, uri={self.tracking_uri!r})"
+        return f"ExperimentTracker({self.experiment_name!r}, run_name={self.run_name!r}, {state}, uri={redact(self.tracking_uri)!r})"
 
 # %% ../../nbs/11_tracking_tracker.ipynb #301cb411
 @patch
@@ -303,7 +303,7 @@ def _end(self: ExperimentTracker, status: str) -> None:
     if self.active_run is not None and self.run_id is not None:
         self.active_run, self.status = None, status
         _relog_saved_notebook(self.client, self.run_id, self.notebook_path, self._notebook_mtime)
-        _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {self.tracking_uri}")
+        _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {redact(self.tracking_uri)}")
 
 # %% ../../nbs/11_tracking_tracker.ipynb #ddf8358d
 @patch
