@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['MAX_KEY_LENGTH', 'MAX_PARAM_VALUE_LENGTH', 'MAX_TAG_VALUE_LENGTH', 'MAX_ENTRIES_PER_BATCH', 'MAX_PARAMS_PER_BATCH',
            'KEY_CHARS', 'SECRET_ENV_VARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params',
-           'param_value', 'get_or_create_experiment', 'active_run_id', 'redact']
+           'param_value', 'redact', 'get_or_create_experiment', 'active_run_id']
 
 # %% ../../nbs/04_mlflow_rules.ipynb #2ce0f60c
 MAX_KEY_LENGTH = 250
@@ -125,6 +125,23 @@ def param_value(key: str,  # the param's key, for the warning
         text = text[:MAX_PARAM_VALUE_LENGTH - len(mark)] + mark
     return text
 
+# %% ../../nbs/04_mlflow_rules.ipynb #5e20b39d
+SECRET_ENV_VARS: tuple[str, ...] = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN",
+                                    "MLFLOW_TRACKING_CLIENT_SECRET")
+"Environment variables whose values `redact` hides wherever they appear."
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<password>[^/\s@]*)@")
+
+
+def redact(text: str,  # any text: a URI, a message, a spool line
+           ) -> str:
+    "`text` with URL passwords shown as `user:***@` and the values of `SECRET_ENV_VARS` as `***`."
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:  # a one-letter value would redact every occurrence of that letter
+            text = text.replace(value, "***")
+    return text
+
 # %% ../../nbs/04_mlflow_rules.ipynb #7649ec01
 def get_or_create_experiment(client: MlflowClient,  # the tracking store to look in
                              name: str,  # the experiment's name
@@ -159,20 +176,3 @@ def active_run_id(run_id: str | None = None,  # an MLflow run id; None: the acti
         raise RuntimeError(f"{where}: no active MLflow run; start one (ExperimentTracker, %rlab_start or "
                            "mlflow.start_run()) or pass run_id=...")
     return active.info.run_id
-
-# %% ../../nbs/04_mlflow_rules.ipynb #5e20b39d
-SECRET_ENV_VARS: tuple[str, ...] = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN",
-                                    "MLFLOW_TRACKING_CLIENT_SECRET")
-"Environment variables whose values `redact` hides wherever they appear."
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<password>[^/\s@]*)@")
-
-
-def redact(text: str,  # any text: a URI, a message, a spool line
-           ) -> str:
-    "`text` with URL passwords shown as `user:***@` and the values of `SECRET_ENV_VARS` as `***`."
-    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
-    for name in SECRET_ENV_VARS:
-        value = os.environ.get(name, "")
-        if len(value) >= 4:  # a one-letter value would redact every occurrence of that letter
-            text = text.replace(value, "***")
-    return text
