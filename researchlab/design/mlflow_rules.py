@@ -9,9 +9,12 @@ import json
 import numbers
 import os
 import re
+import socket
+import urllib.request
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +29,8 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['MAX_KEY_LENGTH', 'MAX_PARAM_VALUE_LENGTH', 'MAX_TAG_VALUE_LENGTH', 'MAX_ENTRIES_PER_BATCH', 'MAX_PARAMS_PER_BATCH',
            'KEY_CHARS', 'SECRET_ENV_VARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params',
-           'param_value', 'redact', 'get_or_create_experiment', 'active_run_id']
+           'param_value', 'redact', 'TrackingServerUnreachable', 'check_reachable', 'get_or_create_experiment',
+           'active_run_id']
 
 # %% ../../nbs/04_mlflow_rules.ipynb #2ce0f60c
 MAX_KEY_LENGTH = 250
@@ -141,6 +145,31 @@ def redact(text: str,  # any text: a URI, a message, a spool line
         if len(value) >= 4:  # a one-letter value would redact every occurrence of that letter
             text = text.replace(value, "***")
     return text
+
+# %% ../../nbs/04_mlflow_rules.ipynb #b7fd71f6
+class TrackingServerUnreachable(ConnectionError):
+    "The tracking server of an `http(s)://` URI accepts no connection."
+
+
+def check_reachable(tracking_uri: str,  # the tracking URI; only http(s) servers are checked
+                    timeout: float = 5.0,  # seconds to wait for the TCP connection
+                    where: str = "check_reachable",  # the caller, named in the error
+                    ) -> None:
+    "Raise `TrackingServerUnreachable` within `timeout` s when the server of `tracking_uri` accepts no connection."
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return  # only the proxy knows whether the server is up
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise TrackingServerUnreachable(
+            f"{where}: the tracking server {redact(tracking_uri)} cannot be reached ({e or type(e).__name__}); "
+            f"start it (mlflow server --host {host} --port {port} --backend-store-uri sqlite:///mlflow.db), or "
+            "pass no tracking_uri (and unset MLFLOW_TRACKING_URI) to use the sqlite store mlflow.db in the "
+            "project root") from None
 
 # %% ../../nbs/04_mlflow_rules.ipynb #7649ec01
 def get_or_create_experiment(client: MlflowClient,  # the tracking store to look in

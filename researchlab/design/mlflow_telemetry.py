@@ -28,6 +28,7 @@ from researchlab.design.mlflow_rules import (
     MAX_PARAMS_PER_BATCH,
     check_key,
     check_metric,
+    check_reachable,
     flatten_params,
     get_or_create_experiment,
     param_value,
@@ -343,6 +344,7 @@ class MLFlowTelemetry(Telemetry[S, C]):
                 self.tracking_uri == mlflow.get_tracking_uri():
             run_id = active.info.run_id
         if run_id is None:
+            check_reachable(self.tracking_uri, where="MLFlowTelemetry")  # fail in seconds, not after MLflow's retries
             exp_id = get_or_create_experiment(client, experiment or "Default", where="MLFlowTelemetry")
             run_id, self.owns_run = client.create_run(exp_id, run_name=run_name).info.run_id, True
         self.run_id = run_id

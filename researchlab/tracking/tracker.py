@@ -22,6 +22,12 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 from typing_extensions import Self
 
+from researchlab.design.mlflow_rules import (
+    MAX_TAG_VALUE_LENGTH,
+    check_reachable,
+    get_or_create_experiment,
+    redact,
+)
 from researchlab.tracking.utils import (
     _RLAB_ID_TAG,
     GitState,
@@ -34,7 +40,6 @@ from researchlab.tracking.utils import (
 )
 
 from ..design.core import Config
-from ..design.mlflow_rules import MAX_TAG_VALUE_LENGTH, get_or_create_experiment, redact
 
 # %% auto #0
 __all__ = ['project_root', 'resolve_tracking_uri', 'find_notebook_path', 'ExperimentTracker']
@@ -241,6 +246,7 @@ def __enter__(self: ExperimentTracker) -> Self:
     if (other := mlflow.active_run()) is not None:
         raise RuntimeError(f"ExperimentTracker: MLflow run {other.info.run_name!r} ({other.info.run_id}) is still "
                            "active in this thread; end it first (mlflow.end_run() or %rlab_stop)")
+    check_reachable(self.tracking_uri, where="ExperimentTracker")  # fail in seconds, not after MLflow's retries
     self.experiment_id = get_or_create_experiment(self.client, self.experiment_name,
                                                   _sqlite_artifact_location(self.tracking_uri),
                                                   where="ExperimentTracker")
