@@ -10,9 +10,13 @@ import numbers
 import os
 import re
 import socket
+import sqlite3
+import time
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -29,8 +33,8 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['MAX_KEY_LENGTH', 'MAX_PARAM_VALUE_LENGTH', 'MAX_TAG_VALUE_LENGTH', 'MAX_ENTRIES_PER_BATCH', 'MAX_PARAMS_PER_BATCH',
            'KEY_CHARS', 'SECRET_ENV_VARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params',
-           'param_value', 'redact', 'TrackingServerUnreachable', 'check_reachable', 'get_or_create_experiment',
-           'active_run_id']
+           'param_value', 'redact', 'TrackingServerUnreachable', 'check_reachable', 'prepare_sqlite_store',
+           'get_or_create_experiment', 'active_run_id']
 
 # %% ../../nbs/04_mlflow_rules.ipynb #2ce0f60c
 MAX_KEY_LENGTH = 250
@@ -170,6 +174,82 @@ def check_reachable(tracking_uri: str,  # the tracking URI; only http(s) servers
             f"start it (mlflow server --host {host} --port {port} --backend-store-uri sqlite:///mlflow.db), or "
             "pass no tracking_uri (and unset MLFLOW_TRACKING_URI) to use the sqlite store mlflow.db in the "
             "project root") from None
+
+# %% ../../nbs/04_mlflow_rules.ipynb #cc53f9c9
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    "An exclusive lock on `folder` (flock on its descriptor) while the block runs; a no-op without fcntl."
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _store_state(path: Path) -> str:
+    "'missing', 'ok', 'incomplete' (an interrupted creation: no schema version and no runs) or 'foreign: why'."
+    if not path.exists():
+        return "missing"
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                return "incomplete"
+            if "experiments" not in tables:
+                return f"foreign: a SQLite database without MLflow's tables (it has {', '.join(sorted(tables)[:5])})"
+            version = db.execute("SELECT version_num FROM alembic_version").fetchall() \
+                if "alembic_version" in tables else []
+            runs = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.DatabaseError as e:
+        return f"foreign: not a SQLite database ({e})"
+    return "ok" if version or runs else "incomplete"
+
+# %% ../../nbs/04_mlflow_rules.ipynb #46aa7615
+def _create_store(uri: str) -> None:
+    "Create MLflow's tables and Default experiment at `uri` as MLflow itself does, then close the file."
+    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+    store = _get_sqlalchemy_store(uri, None)  # the artifact root MLflow would use for this store
+    store.engine.dispose()  # no connection may stay open on the file about to be renamed
+    getattr(type(store), "_engine_map", {}).pop(uri, None)
+
+
+def prepare_sqlite_store(tracking_uri: str,  # the tracking URI; only `sqlite:///PATH` stores are prepared
+                         where: str = "prepare_sqlite_store",  # the caller, named in the error
+                         ) -> None:
+    "Create the sqlite store of `tracking_uri` atomically when missing or left incomplete; name a file that is no store."
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    if str(path) in ("", ":memory:") or _store_state(path) == "ok":
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        state = _store_state(path)  # another process may have created it while we waited
+        if state == "ok":
+            return
+        if state.startswith("foreign"):
+            raise ValueError(f"{where}: {path} is not an MLflow tracking store: {state[len('foreign: '):]}; move it "
+                             f"away (a new store is then created there) or pass another tracking_uri")
+        for stale in path.parent.glob(f"{path.name}.creating-*"):  # left by a creation that was killed
+            stale.unlink(missing_ok=True)
+        if state == "incomplete":
+            aside = path.with_name(f"{path.name}.incomplete-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(path, aside)
+            warnings.warn(f"{where}: {path} was left incomplete by an interrupted creation; it is moved to {aside} "
+                          "and the store is created again", stacklevel=2)
+        tmp = path.with_name(f"{path.name}.creating-{os.getpid()}")
+        try:
+            _create_store(f"sqlite:///{tmp}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
 
 # %% ../../nbs/04_mlflow_rules.ipynb #7649ec01
 def get_or_create_experiment(client: MlflowClient,  # the tracking store to look in

@@ -32,6 +32,7 @@ from researchlab.design.mlflow_rules import (
     flatten_params,
     get_or_create_experiment,
     param_value,
+    prepare_sqlite_store,
     redact,
 )
 
@@ -339,6 +340,7 @@ class MLFlowTelemetry(Telemetry[S, C]):
         from mlflow import MlflowClient
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.close_timeout, self.flush_timeout, self.owns_run = close_timeout, flush_timeout, False
+        prepare_sqlite_store(self.tracking_uri, where="MLFlowTelemetry")  # created whole, or named when it is no store
         client = MlflowClient(tracking_uri=self.tracking_uri)
         if run_id is None and (active := mlflow.active_run()) is not None and \
                 self.tracking_uri == mlflow.get_tracking_uri():

@@ -26,6 +26,7 @@ from researchlab.design.mlflow_rules import (
     MAX_TAG_VALUE_LENGTH,
     check_reachable,
     get_or_create_experiment,
+    prepare_sqlite_store,
     redact,
 )
 from researchlab.tracking.utils import (
@@ -224,7 +225,8 @@ class ExperimentTracker:
         self.config, self.repo_path, self.max_untracked_bytes = config, repo_path, max_untracked_bytes
         self.exclude_untracked = exclude_untracked
         self.log_notebook, self.tags = log_notebook, dict(tags or {})
-        self.client = MlflowClient(self.tracking_uri)
+        prepare_sqlite_store(self.tracking_uri, where="ExperimentTracker")  # created whole, or named when it is no store
+        self.client = MlflowClient(self.tracking_uri)  # opens (a sqlite) store at once
         self.active_run: mlflow.ActiveRun | None = None  # the MLflow run while the tracker is active
         self.run_id: str | None = None  # MLflow's run id, kept after the run ends
         self.experiment_id: str | None = None
