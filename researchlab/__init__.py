@@ -32,7 +32,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.design.mlflow_rules": (
         "MAX_KEY_LENGTH", "MAX_PARAM_VALUE_LENGTH", "MAX_TAG_VALUE_LENGTH", "MAX_ENTRIES_PER_BATCH",
         "MAX_PARAMS_PER_BATCH", "KEY_CHARS", "check_key", "check_metric", "flatten_params", "param_value", "get_or_create_experiment", "active_run_id",
-        "sanitize_param_key",
+        "sanitize_param_key", "SECRET_ENV_VARS", "redact",
+        "TrackingServerUnreachable", "check_reachable", "prepare_sqlite_store",
     ),
     "researchlab.design.mlflow_telemetry": (
         "MLFlowTelemetry", "upload_spool", "upload_main",
@@ -51,8 +52,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "loop_widget",
     ),
     "researchlab.tracking.utils": (
-        "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "get_git_state",
-        "find_run_by_rlab_id", "generate_run_id", "log_flattened_params",
+        "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "SECRET_PATTERNS",
+        "get_git_state", "find_run_by_rlab_id", "generate_run_id", "log_flattened_params",
     ),
     "researchlab.tracking.tracker": (
         "project_root", "resolve_tracking_uri", "find_notebook_path", "ExperimentTracker",

@@ -109,10 +109,10 @@ def checked_state(repo: Path, tmp_path: Path, **kwargs: object) -> tuple[GitStat
     assert snapshot(repo) == before, "get_git_state changed the index, untracked set, objects or HEAD"
     assert state["repo_root"] == str(repo.resolve())
     clone = apply_on_clean_checkout(repo, state, tmp_path / "clone")
-    want = expected_tree(repo, set(state["skipped"]))
+    want = expected_tree(repo, set(state["skipped"]) | set(state["excluded"]))
     got = tree_files(clone, list(want) + [n for n in expected_tree(clone) if n not in want])
     assert got == want
-    assert state["is_dirty"] == bool(state["patch"] or state["skipped"])
+    assert state["is_dirty"] == bool(state["patch"] or state["skipped"] or state["excluded"])
     return state, clone
 
 

@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import re
+import socket
+import sqlite3
+import time
+import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +32,8 @@ if TYPE_CHECKING:
 
 # %% auto #0
 __all__ = ['MAX_KEY_LENGTH', 'MAX_PARAM_VALUE_LENGTH', 'MAX_TAG_VALUE_LENGTH', 'MAX_ENTRIES_PER_BATCH', 'MAX_PARAMS_PER_BATCH',
-           'KEY_CHARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params', 'param_value',
+           'KEY_CHARS', 'SECRET_ENV_VARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params',
+           'param_value', 'redact', 'TrackingServerUnreachable', 'check_reachable', 'prepare_sqlite_store',
            'get_or_create_experiment', 'active_run_id']
 
 # %% ../../nbs/04_mlflow_rules.ipynb #2ce0f60c
@@ -124,6 +133,124 @@ def param_value(key: str,  # the param's key, for the warning
         text = text[:MAX_PARAM_VALUE_LENGTH - len(mark)] + mark
     return text
 
+# %% ../../nbs/04_mlflow_rules.ipynb #5e20b39d
+SECRET_ENV_VARS: tuple[str, ...] = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN",
+                                    "MLFLOW_TRACKING_CLIENT_SECRET")
+"Environment variables whose values `redact` hides wherever they appear."
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<password>[^/\s@]*)@")
+
+
+def redact(text: str,  # any text: a URI, a message, a spool line
+           ) -> str:
+    "`text` with URL passwords shown as `user:***@` and the values of `SECRET_ENV_VARS` as `***`."
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:  # a one-letter value would redact every occurrence of that letter
+            text = text.replace(value, "***")
+    return text
+
+# %% ../../nbs/04_mlflow_rules.ipynb #b7fd71f6
+class TrackingServerUnreachable(ConnectionError):
+    "The tracking server of an `http(s)://` URI accepts no connection."
+
+
+def check_reachable(tracking_uri: str,  # the tracking URI; only http(s) servers are checked
+                    timeout: float = 5.0,  # seconds to wait for the TCP connection
+                    where: str = "check_reachable",  # the caller, named in the error
+                    ) -> None:
+    "Raise `TrackingServerUnreachable` within `timeout` s when the server of `tracking_uri` accepts no connection."
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if urllib.request.getproxies().get(parts.scheme) and not urllib.request.proxy_bypass(host):
+        return  # only the proxy knows whether the server is up
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise TrackingServerUnreachable(
+            f"{where}: the tracking server {redact(tracking_uri)} cannot be reached ({e or type(e).__name__}); "
+            f"start it (mlflow server --host {host} --port {port} --backend-store-uri sqlite:///mlflow.db), or "
+            "pass no tracking_uri (and unset MLFLOW_TRACKING_URI) to use the sqlite store mlflow.db in the "
+            "project root") from None
+
+# %% ../../nbs/04_mlflow_rules.ipynb #cc53f9c9
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    "An exclusive lock on `folder` (flock on its descriptor) while the block runs; a no-op without fcntl."
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _store_state(path: Path) -> str:
+    "'missing', 'ok', 'incomplete' (an interrupted creation: no schema version and no runs) or 'foreign: why'."
+    if not path.exists():
+        return "missing"
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                return "incomplete"
+            if "experiments" not in tables:
+                return f"foreign: a SQLite database without MLflow's tables (it has {', '.join(sorted(tables)[:5])})"
+            version = db.execute("SELECT version_num FROM alembic_version").fetchall() \
+                if "alembic_version" in tables else []
+            runs = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.DatabaseError as e:
+        return f"foreign: not a SQLite database ({e})"
+    return "ok" if version or runs else "incomplete"
+
+# %% ../../nbs/04_mlflow_rules.ipynb #46aa7615
+def _create_store(uri: str) -> None:
+    "Create MLflow's tables and Default experiment at `uri` as MLflow itself does, then close the file."
+    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+    store = _get_sqlalchemy_store(uri, None)  # the artifact root MLflow would use for this store
+    store.engine.dispose()  # no connection may stay open on the file about to be renamed
+    getattr(type(store), "_engine_map", {}).pop(uri, None)
+
+
+def prepare_sqlite_store(tracking_uri: str,  # the tracking URI; only `sqlite:///PATH` stores are prepared
+                         where: str = "prepare_sqlite_store",  # the caller, named in the error
+                         ) -> None:
+    "Create the sqlite store of `tracking_uri` atomically when missing or left incomplete; name a file that is no store."
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    if str(path) in ("", ":memory:") or _store_state(path) == "ok":
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        state = _store_state(path)  # another process may have created it while we waited
+        if state == "ok":
+            return
+        if state.startswith("foreign"):
+            raise ValueError(f"{where}: {path} is not an MLflow tracking store: {state[len('foreign: '):]}; move it "
+                             f"away (a new store is then created there) or pass another tracking_uri")
+        for stale in path.parent.glob(f"{path.name}.creating-*"):  # left by a creation that was killed
+            stale.unlink(missing_ok=True)
+        if state == "incomplete":
+            aside = path.with_name(f"{path.name}.incomplete-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(path, aside)
+            warnings.warn(f"{where}: {path} was left incomplete by an interrupted creation; it is moved to {aside} "
+                          "and the store is created again", stacklevel=2)
+        tmp = path.with_name(f"{path.name}.creating-{os.getpid()}")
+        try:
+            _create_store(f"sqlite:///{tmp}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+
 # %% ../../nbs/04_mlflow_rules.ipynb #7649ec01
 def get_or_create_experiment(client: MlflowClient,  # the tracking store to look in
                              name: str,  # the experiment's name
@@ -141,7 +268,7 @@ def get_or_create_experiment(client: MlflowClient,  # the tracking store to look
             if exp is None:
                 raise
     if exp.lifecycle_stage != "active":
-        raise ValueError(f"{where}: experiment {name!r} (id {exp.experiment_id}) is deleted in {client.tracking_uri}; "
+        raise ValueError(f"{where}: experiment {name!r} (id {exp.experiment_id}) is deleted in {redact(client.tracking_uri)}; "
                          "restore it (MlflowClient().restore_experiment) or choose another name")
     return exp.experiment_id
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import queue
+import re
 import shlex
 import sys
 import threading
@@ -27,9 +28,12 @@ from researchlab.design.mlflow_rules import (
     MAX_PARAMS_PER_BATCH,
     check_key,
     check_metric,
+    check_reachable,
     flatten_params,
     get_or_create_experiment,
     param_value,
+    prepare_sqlite_store,
+    redact,
 )
 
 from .core import C, Config, S
@@ -84,9 +88,9 @@ def _is_transient(e: Exception) -> bool:
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #2f77c838
 def _spool_write(path: Path, tracking_uri: str, run_id: str, points: _Points, note: str) -> None:
-    "Append `points` to a JSON-lines spool file (one header line per append)."
+    "Append `points` to a JSON-lines spool file (one header line per append; credentials redacted)."
     with open(path, "a") as f:
-        f.write(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, "note": note}) + "\n")
+        f.write(json.dumps({"tracking_uri": redact(tracking_uri), "run_id": run_id, "note": redact(note)}) + "\n")
         for m in points.metrics:
             f.write(json.dumps({"m": m}) + "\n")
         for p in points.params:
@@ -180,7 +184,7 @@ def _spill(self: _Sender, n: int) -> None:
     self.spool_path.parent.mkdir(parents=True, exist_ok=True)
     _spool_write(self.spool_path, self.tracking_uri, self.run_id, chunk, note="spilled during an outage")
     if not self.spilled:
-        warnings.warn(f"MLFlowTelemetry: {self.tracking_uri} is still unreachable and over {self.max_pending} "
+        warnings.warn(f"MLFlowTelemetry: {redact(self.tracking_uri)} is still unreachable and over {self.max_pending} "
                       f"points are waiting; the oldest go to {self.spool_path} (uploaded later with "
                       f"upload_spool)", stacklevel=1)
     self.spilled += chunk.points
@@ -227,12 +231,12 @@ def _send_all(self: _Sender) -> bool:
             if _is_transient(e):
                 self.pending.put_back(chunk)
                 if self.last_error is None:
-                    warnings.warn(f"MLFlowTelemetry: cannot reach {self.tracking_uri} ({str(e)[:200]}); "
-                                  f"keeping points and retrying with backoff", stacklevel=1)
+                    warnings.warn(redact(f"MLFlowTelemetry: cannot reach {self.tracking_uri} ({str(e)[:200]}); "
+                                         f"keeping points and retrying with backoff"), stacklevel=1)
                 self.last_error = e
                 return False
-            warnings.warn(f"MLFlowTelemetry: MLflow rejected a batch of {len(chunk)} points for run "
-                          f"{self.run_id}: {str(e)[:300]}; they will be spooled at close", stacklevel=1)
+            warnings.warn(redact(f"MLFlowTelemetry: MLflow rejected a batch of {len(chunk)} points for run "
+                                 f"{self.run_id}: {str(e)[:300]}; they will be spooled at close"), stacklevel=1)
             self.rejected.extend(chunk)
         else:
             self.sent += chunk.points
@@ -320,7 +324,7 @@ def close(self: _Sender, timeout: float, end_run: bool = False) -> Path | None:
         _spool_write(path, self.tracking_uri, self.run_id, leftover, note=str(self.last_error)[:300])
     what = f"{leftover.points + self.spilled} points" + (" and the end of the run" if leftover.end else "")
     print(f"MLFlowTelemetry: {what} for run {self.run_id} could not be sent to "
-          f"{self.tracking_uri}; saved to {path}; upload them with: rlab upload {shlex.quote(str(path))} "
+          f"{redact(self.tracking_uri)}; saved to {path}; upload them with: rlab upload {shlex.quote(str(path))} "
           f"(or researchlab.upload_spool(path) in Python)", file=sys.stderr)
     return path
 
@@ -336,11 +340,13 @@ class MLFlowTelemetry(Telemetry[S, C]):
         from mlflow import MlflowClient
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.close_timeout, self.flush_timeout, self.owns_run = close_timeout, flush_timeout, False
+        prepare_sqlite_store(self.tracking_uri, where="MLFlowTelemetry")  # created whole, or named when it is no store
         client = MlflowClient(tracking_uri=self.tracking_uri)
         if run_id is None and (active := mlflow.active_run()) is not None and \
                 self.tracking_uri == mlflow.get_tracking_uri():
             run_id = active.info.run_id
         if run_id is None:
+            check_reachable(self.tracking_uri, where="MLFlowTelemetry")  # fail in seconds, not after MLflow's retries
             exp_id = get_or_create_experiment(client, experiment or "Default", where="MLFlowTelemetry")
             run_id, self.owns_run = client.create_run(exp_id, run_name=run_name).info.run_id, True
         self.run_id = run_id
@@ -382,9 +388,9 @@ def flush(self: MLFlowTelemetry, timeout: float | None = None) -> bool:  # noqa:
     timeout = self.flush_timeout if timeout is None else timeout
     done = self._sender.flush(timeout)
     if not done:
-        warnings.warn(f"MLFlowTelemetry.flush: points for run {self.run_id} are not all in MLflow after "
-                      f"{timeout} s ({self._sender.last_error or 'server slow'}); they stay queued and are "
-                      f"retried in the background", stacklevel=2)
+        warnings.warn(redact(f"MLFlowTelemetry.flush: points for run {self.run_id} are not all in MLflow after "
+                             f"{timeout} s ({self._sender.last_error or 'server slow'}); they stay queued and are "
+                             f"retried in the background"), stacklevel=2)
     return done
 
 
@@ -402,6 +408,12 @@ def sent(self: MLFlowTelemetry) -> int:
     return self._sender.sent
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #01bc14ce
+def _without_redacted_user(uri: str) -> str:
+    "A recorded URI whose password was redacted (`user:***@`), without the user part: MLflow then takes the "
+    "credentials from its environment variables."
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*:\*\*\*@", r"\1", uri)
+
+
 def upload_spool(path: str | Path,  # a spool file written by MLFlowTelemetry
                  tracking_uri: str | None = None,  # send there instead of to the URI recorded in the file
                  ) -> int:
@@ -416,7 +428,7 @@ def upload_spool(path: str | Path,  # a spool file written by MLFlowTelemetry
     for n, line in enumerate(path.read_text().splitlines(), 1):
         rec = json.loads(line)
         if "run_id" in rec:
-            uri, run_id = tracking_uri or rec["tracking_uri"], rec["run_id"]
+            uri, run_id = tracking_uri or _without_redacted_user(rec["tracking_uri"]), rec["run_id"]
             pts = batches.setdefault((uri, run_id), _Points())
         elif run_id is None:
             raise ValueError(f"upload_spool: {path}:{n} holds a point before any header line; not a spool file")
@@ -453,6 +465,6 @@ def upload_main(argv: list[str],  # the command line after `rlab`, starting with
         try:
             print(f"{path}: uploaded {upload_spool(path, args.tracking_uri)} points")
         except (OSError, ValueError) as e:
-            print(f"{path}: {e}", file=sys.stderr)
+            print(redact(f"{path}: {e}"), file=sys.stderr)
             return 1
     return 0

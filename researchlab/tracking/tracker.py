@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +22,13 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 from typing_extensions import Self
 
+from researchlab.design.mlflow_rules import (
+    MAX_TAG_VALUE_LENGTH,
+    check_reachable,
+    get_or_create_experiment,
+    prepare_sqlite_store,
+    redact,
+)
 from researchlab.tracking.utils import (
     _RLAB_ID_TAG,
     GitState,
@@ -34,7 +41,6 @@ from researchlab.tracking.utils import (
 )
 
 from ..design.core import Config
-from ..design.mlflow_rules import MAX_TAG_VALUE_LENGTH, get_or_create_experiment
 
 # %% auto #0
 __all__ = ['project_root', 'resolve_tracking_uri', 'find_notebook_path', 'ExperimentTracker']
@@ -104,6 +110,7 @@ def _git_tags(state: GitState | None, resumed: bool) -> dict[str, str]:
             "mlflow.source.git.commit": state["base_commit"] or "", "mlflow.source.git.branch": state["branch"] or "",
             "rlab.git.remote": _tag(state["remote_url"] or ""), "mlflow.source.git.repoURL": _tag(state["remote_url"] or ""),
             "rlab.git.skipped": _tag(", ".join(sorted(state["skipped"]))),
+            "rlab.git.excluded": _tag(", ".join(sorted(state["excluded"]))),
             "rlab.git.submodules": _tag(state["submodules"]) if state["submodules"] else ""}
     return {k: v for k, v in tags.items() if v != ""}
 
@@ -117,7 +124,7 @@ def _existing_run(client: MlflowClient, run_name: str | None, resume: bool, expe
         raise ValueError(f"ExperimentTracker: run {run_name!r} already exists (MLflow run {run.info.run_id}, "
                          f"experiment id {run.info.experiment_id}); pass resume=True to continue it, or another run_name")
     if run is None and resume:
-        raise LookupError(f"ExperimentTracker: no run {run_name!r} to resume in {uri}; drop resume=True to start it")
+        raise LookupError(f"ExperimentTracker: no run {run_name!r} to resume in {redact(uri)}; drop resume=True to start it")
     if run is not None and run.info.experiment_id != experiment_id:
         raise ValueError(f"ExperimentTracker: run {run_name!r} belongs to experiment id {run.info.experiment_id}, "
                          f"not to id {experiment_id}; pass that experiment's name to resume it")
@@ -203,6 +210,7 @@ class ExperimentTracker:
                  config: str | os.PathLike | Config | Mapping[str, object] | None = None,  # logged on entry
                  repo_path: str | os.PathLike = ".",  # where to look for the git repository
                  max_untracked_bytes: int = 5 * 2**20,  # untracked files larger than this stay out of the patch
+                 exclude_untracked: Sequence[str] | None = None,  # globs of untracked files kept out; None: SECRET_PATTERNS
                  log_notebook: bool = True,  # log the notebook file when running under Jupyter
                  tags: Mapping[str, str] | None = None,  # extra run tags
                  ) -> None:
@@ -215,8 +223,10 @@ class ExperimentTracker:
         self.experiment_name, self.run_name, self.resume = experiment_name, run_name, resume
         self.tracking_uri = resolve_tracking_uri(tracking_uri, repo_path)
         self.config, self.repo_path, self.max_untracked_bytes = config, repo_path, max_untracked_bytes
+        self.exclude_untracked = exclude_untracked
         self.log_notebook, self.tags = log_notebook, dict(tags or {})
-        self.client = MlflowClient(self.tracking_uri)
+        prepare_sqlite_store(self.tracking_uri, where="ExperimentTracker")  # created whole, or named when it is no store
+        self.client = MlflowClient(self.tracking_uri)  # opens (a sqlite) store at once
         self.active_run: mlflow.ActiveRun | None = None  # the MLflow run while the tracker is active
         self.run_id: str | None = None  # MLflow's run id, kept after the run ends
         self.experiment_id: str | None = None
@@ -227,7 +237,7 @@ class ExperimentTracker:
 
     def __repr__(self) -> str:
         state = "active" if self.active_run else (self.status or "not started")
-        return f"ExperimentTracker({self.experiment_name!r}, run_name={self.run_name!r}, {state}, uri={self.tracking_uri!r})"
+        return f"ExperimentTracker({self.experiment_name!r}, run_name={self.run_name!r}, {state}, uri={redact(self.tracking_uri)!r})"
 
 # %% ../../nbs/11_tracking_tracker.ipynb #301cb411
 @patch
@@ -238,11 +248,12 @@ def __enter__(self: ExperimentTracker) -> Self:
     if (other := mlflow.active_run()) is not None:
         raise RuntimeError(f"ExperimentTracker: MLflow run {other.info.run_name!r} ({other.info.run_id}) is still "
                            "active in this thread; end it first (mlflow.end_run() or %rlab_stop)")
+    check_reachable(self.tracking_uri, where="ExperimentTracker")  # fail in seconds, not after MLflow's retries
     self.experiment_id = get_or_create_experiment(self.client, self.experiment_name,
                                                   _sqlite_artifact_location(self.tracking_uri),
                                                   where="ExperimentTracker")
     existing = _existing_run(self.client, self.run_name, self.resume, self.experiment_id, self.tracking_uri)
-    self.git_state = get_git_state(self.repo_path, self.max_untracked_bytes)
+    self.git_state = get_git_state(self.repo_path, self.max_untracked_bytes, self.exclude_untracked)
     self.notebook_path = find_notebook_path() if self.log_notebook else None
     self._notebook_mtime = self.notebook_path.stat().st_mtime_ns if self.notebook_path else None
     generated = self.run_name is None
@@ -300,7 +311,7 @@ def _end(self: ExperimentTracker, status: str) -> None:
     if self.active_run is not None and self.run_id is not None:
         self.active_run, self.status = None, status
         _relog_saved_notebook(self.client, self.run_id, self.notebook_path, self._notebook_mtime)
-        _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {self.tracking_uri}")
+        _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {redact(self.tracking_uri)}")
 
 # %% ../../nbs/11_tracking_tracker.ipynb #ddf8358d
 @patch

@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import date as _date
+from fnmatch import fnmatchcase
 from typing import TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,8 +32,8 @@ from researchlab.design.mlflow_rules import (
 from ..design.core import Config
 
 # %% auto #0
-__all__ = ['GitStateWarning', 'GitState', 'patch_bytes', 'strip_url_credentials', 'get_git_state', 'find_run_by_rlab_id',
-           'generate_run_id', 'log_flattened_params', 'active_run_id', 'sanitize_param_key']
+__all__ = ['SECRET_PATTERNS', 'GitStateWarning', 'GitState', 'patch_bytes', 'strip_url_credentials', 'get_git_state',
+           'find_run_by_rlab_id', 'generate_run_id', 'log_flattened_params', 'active_run_id', 'sanitize_param_key']
 
 # %% ../../nbs/10_tracking_utils.ipynb #21eff6b1
 class GitStateWarning(UserWarning):
@@ -43,10 +44,11 @@ class GitState(TypedDict):
     "What `get_git_state` records about a working tree."
     base_commit: str | None  # HEAD's sha, or None when the repository has no commits yet
     patch: str  # staged + unstaged + untracked changes against base_commit (binary-safe git diff)
-    is_dirty: bool  # True when the patch is not empty or untracked files were left out
+    is_dirty: bool  # True when the patch is not empty or untracked files were left out (skipped or excluded)
     branch: str | None  # current branch, None for a detached HEAD
     remote_url: str | None  # URL of the branch's remote (or origin), credentials stripped
-    skipped: dict[str, str]  # untracked paths left out of the patch -> reason
+    skipped: dict[str, str]  # untracked paths left out of the patch -> reason (size, embedded repository)
+    excluded: dict[str, str]  # untracked paths left out because their name looks like a secret -> the pattern
     submodules: dict[str, str]  # submodule path -> its checked-out commit (its own uncommitted edits are not captured)
     repo_root: str  # absolute path of the work tree's top level
 
@@ -120,14 +122,43 @@ def _open_repo(repo_path: str | os.PathLike) -> git.Repo | None:
         return None
     return None if repo.bare or repo.working_tree_dir is None else repo
 
+# %% ../../nbs/10_tracking_utils.ipynb #29091643
+SECRET_PATTERNS: tuple[str, ...] = (
+    ".env*", "*.env", "*.pem", "*.key", "*.p12", "*.pfx", "*.keystore", "*.jks", "id_rsa*", "id_dsa*",
+    "id_ecdsa*", "id_ed25519*", "credentials*", "*.credentials", ".netrc", "_netrc", ".pgpass",
+    ".htpasswd", ".pypirc", ".npmrc", ".git-credentials", "secrets.*", "*.secret", "*.secrets",
+    "client_secret*.json", "*.token", "token.json")
+"Untracked files whose name (or repository path) matches one of these globs stay out of the patch."
+
+_STORE_DIRS = frozenset({"mlruns", "mlflow-spool"})
+
+
+def _is_store_file(path: str) -> bool:
+    "True for the tracking store's own files: `mlflow.db*` (journals included), `mlruns/`, `mlflow-spool/`."
+    parts = path.split("/")
+    return fnmatchcase(parts[-1], "mlflow.db*") or any(p in _STORE_DIRS for p in parts[:-1])
+
+
+def _secret_match(path: str, patterns: Sequence[str]) -> str | None:
+    "The first pattern matching `path`'s name or whole path (case-insensitive), else None."
+    name, low = path.rsplit("/", 1)[-1].lower(), path.lower()
+    return next((p for p in patterns if fnmatchcase(name, p.lower()) or fnmatchcase(low, p.lower())), None)
+
 # %% ../../nbs/10_tracking_utils.ipynb #9e49d750
-def _split_untracked(root: str, env: Mapping[str, str], max_bytes: int) -> tuple[list[str], dict[str, str]]:
+def _split_untracked(root: str, env: Mapping[str, str], max_bytes: int,
+                     exclude: Sequence[str] = SECRET_PATTERNS) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    "Untracked paths -> (kept, skipped for size or as embedded repositories, excluded as secret-looking)."
     out = _git(["ls-files", "--others", "--exclude-standard", "-z"], root, env)
-    keep, skipped = [], {}
+    keep, skipped, excluded = [], {}, {}
     for raw in out.split(b"\0"):
         if not raw:
             continue
         path = os.fsdecode(raw)
+        if _is_store_file(path.rstrip("/")):
+            continue
+        if (pattern := _secret_match(path.rstrip("/"), exclude)) is not None:
+            excluded[path] = f"matches {pattern!r}"
+            continue
         if path.endswith("/"):
             skipped[path] = "embedded git repository (not a submodule)"
             continue
@@ -139,7 +170,7 @@ def _split_untracked(root: str, env: Mapping[str, str], max_bytes: int) -> tuple
             skipped[path] = f"{size / 2**20:.1f} MiB > cap of {max_bytes / 2**20:.1f} MiB"
         else:
             keep.append(path)
-    return keep, skipped
+    return keep, skipped, excluded
 
 
 def _submodule_commits(root: str, env: Mapping[str, str]) -> dict[str, str]:
@@ -164,10 +195,16 @@ _DIFF_ARGS = ["diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv"
               "--src-prefix=a/", "--dst-prefix=b/", "--submodule=short", "--ignore-submodules=dirty"]
 
 
-def get_git_state(repo_path: str | os.PathLike = ".",
+def get_git_state(repo_path: str | os.PathLike = ".",  # a folder inside the work tree
                   max_untracked_bytes: int = 5 * 2**20,  # untracked files larger than this are left out
+                  exclude_untracked: Sequence[str] | None = None,  # globs of untracked files kept out; None: SECRET_PATTERNS
                   ) -> GitState | None:
     "Base commit plus a patch of staged, unstaged and untracked changes; the user's index and tree are untouched."
+    exclude = SECRET_PATTERNS if exclude_untracked is None else exclude_untracked
+    if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+        raise TypeError(f"get_git_state: exclude_untracked must be a list or tuple of glob strings (or None for "
+                        f"SECRET_PATTERNS), got {exclude_untracked!r}; wrap a single pattern as [{exclude_untracked!r}]")
+    exclude = tuple(exclude)
     try:
         repo = _open_repo(repo_path)
     except Exception as e:  # e.g. a corrupt .git or no permission
@@ -188,12 +225,13 @@ def get_git_state(repo_path: str | os.PathLike = ".",
                 shutil.copy2(index, tmp_index)
             env = _git_env(GIT_INDEX_FILE=tmp_index, GIT_OBJECT_DIRECTORY=tmp_objects,
                            GIT_ALTERNATE_OBJECT_DIRECTORIES=objects)
-            keep, skipped = _split_untracked(root, env, max_untracked_bytes)
+            keep, skipped, excluded = _split_untracked(root, env, max_untracked_bytes, exclude)
             base = repo.head.commit.hexsha if repo.head.is_valid() else None
             branch = None if repo.head.is_detached else repo.active_branch.name
             remote = _remote_url(repo)
-            if keep:  # by name: unlike `add`, update-index walks no directories; --info-only writes no objects
-                _git(["update-index", "--add", "--info-only", "-z", "--stdin"], root, env,
+            if keep:  # by name: unlike `add`, update-index walks no directories; --info-only writes no objects;
+                # --remove: a file deleted since it was listed is skipped instead of failing the capture
+                _git(["update-index", "--add", "--remove", "--info-only", "-z", "--stdin"], root, env,
                      stdin=b"\0".join(os.fsencode(p) for p in keep))
             against = base or _git(["hash-object", "-t", "tree", "--stdin"], root, env, stdin=b"").decode().strip()
             patch = _git(_DIFF_ARGS + [against], root, env)
@@ -206,8 +244,14 @@ def get_git_state(repo_path: str | os.PathLike = ".",
         warnings.warn(f"get_git_state: {len(skipped)} untracked path(s) left out of the patch: "
                       + "; ".join(f"{p} ({why})" for p, why in sorted(skipped.items())[:20]),
                       GitStateWarning, stacklevel=2)
-    return GitState(base_commit=base, patch=patch.decode("utf-8", "surrogateescape"), is_dirty=bool(patch or skipped),
-                    branch=branch, remote_url=remote, skipped=skipped, submodules=submodules, repo_root=root)
+    if excluded:
+        warnings.warn(f"get_git_state: {len(excluded)} untracked file(s) that look like secrets left out of the patch: "
+                      + "; ".join(f"{p} ({why})" for p, why in sorted(excluded.items()))
+                      + "; git-ignore them, or pass exclude_untracked=[...] (() captures everything) to change this",
+                      GitStateWarning, stacklevel=2)
+    return GitState(base_commit=base, patch=patch.decode("utf-8", "surrogateescape"),
+                    is_dirty=bool(patch or skipped or excluded), branch=branch, remote_url=remote, skipped=skipped,
+                    excluded=excluded, submodules=submodules, repo_root=root)
 
 # %% ../../nbs/10_tracking_utils.ipynb #8ca1fec0
 _ADJECTIVES = ("agile", "amber", "ancient", "arctic", "azure", "bold", "brave", "bright", "calm", "clever",
