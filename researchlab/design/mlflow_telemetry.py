@@ -332,10 +332,19 @@ def close(self: _Sender, timeout: float, end_run: bool = False) -> Path | None:
 class MLFlowTelemetry(Telemetry[S, C]):
     "Non-blocking MLflow logging: a background thread batches points with `log_batch`, retries, spools."
 
-    def __init__(self, run_id: str | None = None, tracking_uri: str | None = None, experiment: str | None = None,
-                 run_name: str | None = None, interval: float = 1.0, close_timeout: float = 30.0,
-                 max_backoff: float = 5.0, request_timeout: float = 10.0, spool_dir: str | Path | None = None,
-                 max_pending: int = 1_000_000, flush_timeout: float = 10.0):
+    def __init__(self,
+                 run_id: str | None = None,  # log into this run; None: the active run, else a new one it owns
+                 tracking_uri: str | None = None,  # the MLflow store; None: `mlflow.get_tracking_uri()`
+                 experiment: str | None = None,  # experiment of a new run (default "Default")
+                 run_name: str | None = None,  # name of a new run
+                 interval: float = 1.0,  # seconds between batches sent by the background thread
+                 close_timeout: float = 30.0,  # seconds `close` waits for the queue to drain before spooling
+                 max_backoff: float = 5.0,  # longest wait between retries while the server is down
+                 request_timeout: float = 10.0,  # seconds one MLflow request may take
+                 spool_dir: str | Path | None = None,  # where unsent points are written (default ./mlflow-spool)
+                 max_pending: int = 1_000_000,  # points held in memory before the oldest are spooled
+                 flush_timeout: float = 10.0,  # seconds `flush` waits
+                 ):
         import mlflow
         from mlflow import MlflowClient
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
@@ -356,9 +365,21 @@ class MLFlowTelemetry(Telemetry[S, C]):
         self._sender = _Sender(self.tracking_uri, run_id, interval, max_backoff, request_timeout, spool, max_pending)
         self._finalizer = weakref.finalize(self, _Sender.close, self._sender, close_timeout, self.owns_run)
 
-    def log_metrics(self, metrics: Mapping[str, Scalar], step: int | jax.Array) -> None:
+    def log_metrics(self,
+                    metrics: Mapping[str, Scalar],  # metric name -> scalar (Python number or 0-d array)
+                    step: int | jax.Array,  # the step they belong to (an int >= 0)
+                    ) -> None:
+        "Queue `metrics` at `step` for the background thread; names and values are checked here, not later."
         if isinstance(step, jax.core.Tracer):
             raise TypeError("log_metrics: step is a JAX tracer; log outside jit")
+        if isinstance(step, bool) or not (isinstance(step, (int, np.integer))
+                                          or (hasattr(step, "shape") and step.shape == () and hasattr(step, "dtype")
+                                              and np.issubdtype(step.dtype, np.integer))):
+            raise TypeError(f"log_metrics: step must be an integer (the Loop's step), got {step!r} "
+                            f"({type(step).__name__})")
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"log_metrics: step must be >= 0, got {step}")
         checked = {}
         for k, v in metrics.items():
             if k not in self._keys:
@@ -366,7 +387,10 @@ class MLFlowTelemetry(Telemetry[S, C]):
             checked[k] = check_metric(k, v)
         self._sender.put(("m", checked, step, int(time.time() * 1000)))
 
-    def log_params(self, params: Mapping[str, object] | Config) -> None:
+    def log_params(self,
+                   params: Mapping[str, object] | Config,  # a flat or nested mapping, or a Config (flattened with dots)
+                   ) -> None:
+        "Log `params` once each: the same value again is skipped, another value for a logged key is an error."
         new: dict[str, str] = {}
         for k, v in flatten_params(params).items():
             key, text = check_key("param", k), param_value(k, v)

@@ -53,7 +53,8 @@ class GitState(TypedDict):
     repo_root: str  # absolute path of the work tree's top level
 
 
-def patch_bytes(state: GitState) -> bytes:
+def patch_bytes(state: GitState,  # a git state from `get_git_state`
+                ) -> bytes:
     "The exact bytes of `state['patch']`, as `git apply` needs them."
     return state["patch"].encode("utf-8", "surrogateescape")
 
@@ -82,7 +83,8 @@ def _git(args: Sequence[str], cwd: str, env: Mapping[str, str], stdin: bytes | N
     return r.stdout
 
 # %% ../../nbs/10_tracking_utils.ipynb #0c0018c5
-def strip_url_credentials(url: str) -> str:
+def strip_url_credentials(url: str,  # a remote URL, a path or an scp-like `user@host:path`
+                          ) -> str:
     "`url` without user/password (http[s]) or password (other schemes); query and fragment dropped."
     if "://" not in url:
         return url  # a path or scp-like `user@host:path`
