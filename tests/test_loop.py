@@ -554,6 +554,14 @@ def test_bad_constructor_arguments(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="data_provider must have get_batch"):
         Loop(Cfg(), s, train_step, [1, 2])
 
+    for every in (0, -3, 2.5, "5", True, None):
+        with pytest.raises((TypeError, ValueError), match=f"Callback: every must be a positive int .*got {every!r}"):
+            Callback(every, print)
+    with pytest.raises(ValueError, match="Callback: every must be a positive int .*got 0"):
+        Loop(Cfg(), s, train_step, p, callbacks=[(0, print)])
+    with pytest.raises(TypeError, match="Callback: fn must be callable .*got str"):
+        Callback(5, "print")
+
     done = new_loop(checkpoint_dir=tmp_path / "run")
     done.run(3)
     with pytest.raises(ValueError, match="already holds checkpoints up to step 3, past this State's step 0"):

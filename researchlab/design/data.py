@@ -94,8 +94,13 @@ class ArrayDataProvider(DataProvider[S]):
 
     jittable: ClassVar[bool] = True
 
-    def __init__(self, data: Batch, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 clock_field: str = "clock"):
+    def __init__(self,
+                 data: Batch,  # a PyTree of arrays sharing their leading axis (the examples)
+                 batch_size: int,  # examples per batch, in [1, number of examples]
+                 seed: int = 0,  # picks the shuffle order (with the epoch)
+                 shuffle: bool = True,  # False: batches in the data's order
+                 clock_field: str = "clock"):  # State attribute holding the Clock
+        "Serve `batch_size` examples of `data` per step, in an order fixed by the clock step and `seed`."
         leaves = jax.tree_util.tree_leaves_with_path(data)
         if not leaves:
             raise ValueError("ArrayDataProvider: data has no array leaves")
@@ -103,6 +108,10 @@ class ArrayDataProvider(DataProvider[S]):
         if len(set(sizes.values())) != 1 or None in sizes.values():
             raise ValueError(f"ArrayDataProvider: every leaf of data needs the same leading axis; got {sizes}")
         self.num_examples = int(next(iter(sizes.values())))
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise TypeError(f"ArrayDataProvider: batch_size must be an int (examples per batch), got "
+                            f"{type(batch_size).__name__} batch_size={batch_size!r}; pass e.g. batch_size=32")
+        batch_size = int(batch_size)
         if not 0 < batch_size <= self.num_examples:
             raise ValueError(f"ArrayDataProvider: batch_size={batch_size} must be in [1, {self.num_examples}] "
                              f"(the number of examples)")

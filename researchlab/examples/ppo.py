@@ -30,14 +30,14 @@ class PPOConfig(Config):
     total_steps: int = Field(500_000, gt=0)  # environment steps of the whole run
     update_epochs: int = Field(4, gt=0)  # passes over each rollout
     num_minibatches: int = Field(4, gt=0)  # minibatches per pass
-    lr: float = Field(2.5e-4, gt=0)  # Adam learning rate (start value when annealed)
+    lr: float = Field(2.5e-4, gt=0, allow_inf_nan=False)  # Adam learning rate (start value when annealed)
     anneal_lr: bool = True  # decay the learning rate linearly to 0 over the run
-    gamma: float = Field(0.99, ge=0, le=1)  # discount
-    gae_lambda: float = Field(0.95, ge=0, le=1)  # GAE λ
-    clip_eps: float = Field(0.2, gt=0)  # PPO ratio clip (also clips the value update)
-    ent_coef: float = Field(0.01, ge=0)  # entropy bonus weight
-    vf_coef: float = Field(0.5, ge=0)  # value loss weight
-    max_grad_norm: float = Field(0.5, gt=0)  # global gradient norm clip
+    gamma: float = Field(0.99, ge=0, le=1, allow_inf_nan=False)  # discount
+    gae_lambda: float = Field(0.95, ge=0, le=1, allow_inf_nan=False)  # GAE λ
+    clip_eps: float = Field(0.2, gt=0, allow_inf_nan=False)  # PPO ratio clip (also clips the value update)
+    ent_coef: float = Field(0.01, ge=0, allow_inf_nan=False)  # entropy bonus weight
+    vf_coef: float = Field(0.5, ge=0, allow_inf_nan=False)  # value loss weight
+    max_grad_norm: float = Field(0.5, gt=0, allow_inf_nan=False)  # global gradient norm clip
     hidden: int = Field(64, gt=0)  # width of the two hidden layers of actor and critic
     seed: int = 0  # seeds the model, the environments and the sampling
 
