@@ -432,6 +432,38 @@ def test_sigint_stops_after_current_step() -> None:
         time.sleep(0.1)
 
 
+def test_sigterm_stops_after_current_step_flushes_and_checkpoints(tmp_path: Path) -> None:
+    "A scheduler's SIGTERM is the first Ctrl-C: finish the step, flush, checkpoint; the script's handler comes back."
+    received = []
+
+    def scripts_own(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    before = signal.signal(signal.SIGTERM, scripts_own)
+
+    def preempted(lp: Loop) -> None:
+        if lp.step_count == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        tel = ListTelemetry()
+        loop = new_loop(callbacks=[(1, preempted)], telemetry=tel, log_every=1, checkpoint_dir=tmp_path / "ckpt",
+                        save_every=100)
+        loop.run(50)
+        assert loop.interrupted and loop.stop_signal == signal.SIGTERM and loop.step_count in (5, 6)
+        assert received == []  # the Loop handled it, not the handler that was there before
+        assert [p[0] for p in tel.points] == list(range(1, loop.step_count + 1)) and tel.flushes >= 1
+        assert loop.checkpoints.latest().name == f"ckpt_{loop.step_count:010d}.eqx"
+        assert signal.getsignal(signal.SIGTERM) is scripts_own
+        os.kill(os.getpid(), signal.SIGTERM)  # outside run, the script's handler gets it again
+        time.sleep(0.1)
+        assert received == [signal.SIGTERM]
+        loop.run(2)
+        assert not loop.interrupted and loop.stop_signal is None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_failing_telemetry_releases_the_loop() -> None:
     class Refuses(ListTelemetry):
         def log_params(self, params: object) -> None:
