@@ -30,7 +30,9 @@ class DataProvider(ABC, Generic[S]):
     "True when `get_batch` is a pure `jnp` function of the state, safe to call under `jit`/`lax.scan`."
 
     @abstractmethod
-    def get_batch(self, state: S) -> Batch:
+    def get_batch(self,
+                  state: S,  # the State after the last completed step (read, never changed)
+                  ) -> Batch:  # the batch for the next step
         "The batch for the step the `state` is at (may depend on its clock, RNG or contents)."
 
     @abstractmethod
@@ -130,7 +132,9 @@ class ArrayDataProvider(DataProvider[S]):
         new.data, new.steps_per_epoch, new._cursor = children[0], aux[0] // aux[1], 0
         return new
 
-    def batch_at(self, step: int | jax.Array) -> Batch:
+    def batch_at(self,
+                 step: int | jax.Array,  # a clock step (may be a traced int under jit)
+                 ) -> Batch:  # `batch_size` examples: a slice of that epoch's permutation
         "The batch of clock step `step` (traceable: `step` may be a traced int)."
         step = jnp.asarray(step, jnp.int32)
         epoch, i = step // self.steps_per_epoch, step % self.steps_per_epoch
@@ -141,7 +145,10 @@ class ArrayDataProvider(DataProvider[S]):
             idx = i * self.batch_size + jnp.arange(self.batch_size)
         return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), self.data)
 
-    def get_batch(self, state: S) -> Batch:
+    def get_batch(self,
+                  state: S,  # a State holding its Clock in `clock_field` (or a Clock)
+                  ) -> Batch:  # the batch of the state's clock step
+        "`batch_at(state's clock step)`: traceable, so the Loop may call it under jit."
         return self.batch_at(_clock_step(state, self.clock_field))
 
     def __next__(self) -> Batch:
