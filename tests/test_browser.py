@@ -62,15 +62,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+CLOSED_TELEMETRY = """
+from researchlab import Telemetry
+
+class ClosesLikeMLflow(Telemetry):
+    "Refuses points once closed, as MLFlowTelemetry does."
+    shut = False
+    def log_metrics(self, metrics, step):
+        if self.shut:
+            raise RuntimeError("ClosesLikeMLflow is closed; create a new one to log more")
+    def log_params(self, params):
+        pass
+    def close(self):
+        self.shut = True
+
+telemetry = ClosesLikeMLflow()
+loop.telemetry = telemetry
+loop.step()
+telemetry.close()  # as the tutorial does before it shows the widget
+"""
+
+
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     "A fresh JupyterLab server on 127.0.0.1 serving a temp folder with the widget notebook."
+    yield from _lab(tmp_path, [SETUP, 'loop.widget(metrics=["loss"], num_steps=40)', LONG_RUN])
+
+
+@pytest.fixture
+def lab_closed_telemetry(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    "The same server, with a notebook whose Loop's telemetry was closed before its widget is shown."
+    yield from _lab(tmp_path, [SETUP, CLOSED_TELEMETRY, 'loop.widget(metrics=["loss"], num_steps=40)'])
+
+
+def _lab(tmp_path: Path, cells: list[str]) -> Iterator[tuple[str, Path]]:
+    "Start JupyterLab on a notebook of `cells`; yield its URL and the temp folder; stop it afterwards."
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     root, conf = tmp_path / "root", tmp_path / "jupyter"
     root.mkdir()
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(SETUP),
-                                         nbformat.v4.new_code_cell('loop.widget(metrics=["loss"], num_steps=40)'),
-                                         nbformat.v4.new_code_cell(LONG_RUN)])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nbformat.write(nb, root / "loop.ipynb")
     settings = conf / "settings" / "@jupyterlab" / "apputils-extension"
@@ -161,5 +191,39 @@ def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> N
             assert stopped + 41 < paused < stopped + 100_041
             expect(counter).to_have_value(str(paused))  # the counter's last refresh follows the status text
             expect(page.locator("button.run-button")).to_be_enabled()
+        finally:
+            browser.close()
+
+
+def _browser(pw: object) -> object:
+    return pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
+def test_widget_shows_an_error_of_its_worker_and_gives_the_buttons_back(lab_closed_telemetry: tuple[str, Path]) -> None:
+    "Run N on a Loop whose telemetry was closed: the status line says why it stopped, and the buttons come back."
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = lab_closed_telemetry
+    with sync_playwright() as pw:
+        browser = _browser(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            expect(page.locator(".jp-StatusBar-TextItem", has_text="(ipykernel) | Idle")).to_be_visible(timeout=90_000)
+            page.locator(".lm-MenuBar-itemLabel", has_text="Run").click()
+            page.locator('li.lm-Menu-item[data-command="runmenu:run-all"]').click()
+            expect(page.locator("button.run-button")).to_be_visible(timeout=90_000)
+            expect(page.locator(".step-counter input")).to_have_value("1")
+            page.locator("button.run-button").click()
+            status = page.locator(".loop-status")
+            expect(status).to_contain_text("error: RuntimeError: Loop: the telemetry ClosesLikeMLflow could not log",
+                                           timeout=60_000)
+            expect(status).to_contain_text("ClosesLikeMLflow is closed")
+            expect(page.locator("button.run-button")).to_be_enabled()
+            expect(page.locator("button.step-button")).to_be_enabled()
+            expect(page.locator("button.stop-button")).to_be_disabled()
+            expect(page.locator(".step-counter input")).to_have_value("3")  # the steps that ran are kept
         finally:
             browser.close()

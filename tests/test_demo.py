@@ -61,6 +61,14 @@ def test_demo_bad_arguments(project: Path, monkeypatch: pytest.MonkeyPatch, caps
     assert "unknown option 'total_step'" in capsys.readouterr().err
     assert main(["demo", "num_envs=-1"]) == 2
     assert "num_envs=-1" in capsys.readouterr().err
+    for bad in ("lr=inf", "lr=nan", "lr=-inf"):
+        assert main(["demo", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{bad}: Input should be a finite number" in err, err
+    assert main(["demo", "total_steps=100"]) == 2  # valid alone, less than one PPO update once built
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "total_steps = 100 is less than one update" in err, err
+    assert "Traceback" not in err
     assert main(["demo", "--resume", "no-such-run"]) == 2
     assert "no-such-run" in capsys.readouterr().err
     assert main(["demo", "--resume", "x", "total_steps=10"]) == 2

@@ -87,6 +87,17 @@ def test_bad_construction_names_the_culprit(kwargs: dict, culprit: str) -> None:
     assert culprit in str(e.value)
 
 
+@pytest.mark.parametrize("batch_size, culprit", [
+    (2.5, "got float batch_size=2.5"), ("4", "got str batch_size='4'"), (True, "got bool batch_size=True"),
+    (np.float32(2), "got float32 batch_size=np.float32(2.0)"),
+])
+def test_batch_size_that_is_not_an_int_names_the_value(batch_size: object, culprit: str) -> None:
+    with pytest.raises(TypeError, match="ArrayDataProvider: batch_size must be an int") as e:
+        ArrayDataProvider({"x": jnp.zeros(4)}, batch_size)
+    assert culprit in str(e.value)
+    assert ArrayDataProvider({"x": jnp.zeros(4)}, np.int64(2)).batch_size == 2
+
+
 def test_state_without_a_clock_is_a_clear_error() -> None:
     class NoClock(State):
         w: jax.Array

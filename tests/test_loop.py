@@ -432,6 +432,38 @@ def test_sigint_stops_after_current_step() -> None:
         time.sleep(0.1)
 
 
+def test_sigterm_stops_after_current_step_flushes_and_checkpoints(tmp_path: Path) -> None:
+    "A scheduler's SIGTERM is the first Ctrl-C: finish the step, flush, checkpoint; the script's handler comes back."
+    received = []
+
+    def scripts_own(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    before = signal.signal(signal.SIGTERM, scripts_own)
+
+    def preempted(lp: Loop) -> None:
+        if lp.step_count == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        tel = ListTelemetry()
+        loop = new_loop(callbacks=[(1, preempted)], telemetry=tel, log_every=1, checkpoint_dir=tmp_path / "ckpt",
+                        save_every=100)
+        loop.run(50)
+        assert loop.interrupted and loop.stop_signal == signal.SIGTERM and loop.step_count in (5, 6)
+        assert received == []  # the Loop handled it, not the handler that was there before
+        assert [p[0] for p in tel.points] == list(range(1, loop.step_count + 1)) and tel.flushes >= 1
+        assert loop.checkpoints.latest().name == f"ckpt_{loop.step_count:010d}.eqx"
+        assert signal.getsignal(signal.SIGTERM) is scripts_own
+        os.kill(os.getpid(), signal.SIGTERM)  # outside run, the script's handler gets it again
+        time.sleep(0.1)
+        assert received == [signal.SIGTERM]
+        loop.run(2)
+        assert not loop.interrupted and loop.stop_signal is None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_failing_telemetry_releases_the_loop() -> None:
     class Refuses(ListTelemetry):
         def log_params(self, params: object) -> None:
@@ -554,6 +586,14 @@ def test_bad_constructor_arguments(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="data_provider must have get_batch"):
         Loop(Cfg(), s, train_step, [1, 2])
 
+    for every in (0, -3, 2.5, "5", True, None):
+        with pytest.raises((TypeError, ValueError), match=f"Callback: every must be a positive int .*got {every!r}"):
+            Callback(every, print)
+    with pytest.raises(ValueError, match="Callback: every must be a positive int .*got 0"):
+        Loop(Cfg(), s, train_step, p, callbacks=[(0, print)])
+    with pytest.raises(TypeError, match="Callback: fn must be callable .*got str"):
+        Callback(5, "print")
+
     done = new_loop(checkpoint_dir=tmp_path / "run")
     done.run(3)
     with pytest.raises(ValueError, match="already holds checkpoints up to step 3, past this State's step 0"):
@@ -623,6 +663,98 @@ def test_widget_buttons_drive_the_same_loop() -> None:
         time.sleep(0.05)
     assert 31 < loop.step_count < 10_031 and "paused" in status.value
     assert counter.value == loop.step_count and not run_b.disabled and stop_b.disabled
+
+
+def _wait_idle(loop: Loop, run_b: object, timeout: float = 60) -> None:
+    "Wait until the widget's worker is done: the Loop released and the buttons back."
+    deadline = time.monotonic() + timeout
+    while (loop._busy.locked() or run_b.disabled) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class ClosesLikeMLflow(ListTelemetry):
+    "A telemetry that refuses points after close() (as MLFlowTelemetry does) and has no `closed` attribute."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shut = False
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.shut:
+            raise RuntimeError("ClosesLikeMLflow is closed; create a new one to log more")
+        super().log_metrics(metrics, step)
+
+    def close(self) -> None:
+        self.shut = True
+
+
+@pytest.mark.parametrize("case", ["telemetry closed behind the Loop", "unknown metric to plot", "kernel error"])
+def test_widget_error_in_the_worker_shows_and_restores_the_buttons(case: str, tmp_path: Path) -> None:
+    "An exception in Run N's thread, wherever it happens, ends on the status line with the buttons back."
+    tel = ClosesLikeMLflow()
+    provider = HostProvider(make_data(), fail_at=3, exc=RuntimeError) if case == "kernel error" else None
+    loop = new_loop(log_every=1, telemetry=tel, provider=provider, checkpoint_dir=tmp_path / "ckpt")
+    w = loop.widget(metrics=["nope"] if case == "unknown metric to plot" else ["loss"], num_steps=20, plot_every=0.0)
+    step_b, n_box, run_b, stop_b, counter = w.children[0].children
+    status = w.children[1]
+    if case == "telemetry closed behind the Loop":  # as the tutorial does: telemetry.close(), then the widget
+        loop.step()
+        tel.close()
+    run_b.click()
+    _wait_idle(loop, run_b, timeout=30)
+    assert not loop._busy.locked() and not run_b.disabled and not step_b.disabled and stop_b.disabled, status.value
+    expected = {"telemetry closed behind the Loop": "could not log the metrics of step 2 (RuntimeError: "
+                                                     "ClosesLikeMLflow is closed",
+                "unknown metric to plot": "KeyError: \"Loop.metric: no metric 'nope'",
+                "kernel error": "RuntimeError: provider stops at step 3"}[case]
+    assert status.value.startswith("error: ") and expected in status.value, status.value
+    assert counter.value == loop.step_count
+    if case == "telemetry closed behind the Loop":  # the run stops at the failure; its steps stay in history
+        assert loop.step_count == 3 and [r["step"] for r in loop.history] == [1, 2, 3]
+        loop.telemetry = None  # the fix the message gives: the widget runs again
+        run_b.click()
+        _wait_idle(loop, run_b)
+        assert "done at step 23" in status.value, status.value
+        assert loop.checkpoints.latest().name == "ckpt_0000000023.eqx"
+
+
+def test_widget_with_a_closed_mlflow_telemetry_says_so(sqlite_uri: str) -> None:
+    "The tutorial's case: the MLflow telemetry is closed, then the widget's Run N is pressed."
+    from researchlab import MLFlowTelemetry
+
+    tel = MLFlowTelemetry(tracking_uri=sqlite_uri, experiment="widget-test", interval=0.1)
+    loop = new_loop(telemetry=tel, log_every=1)
+    loop.run(2)
+    tel.close()
+    w = loop.widget(metrics=["loss"], num_steps=10, plot_every=0.0)
+    run_b, status = w.children[0].children[2], w.children[1]
+    run_b.click()
+    _wait_idle(loop, run_b, timeout=30)
+    assert not run_b.disabled and status.value.startswith("error: ") and "is closed" in status.value, status.value
+
+
+def test_a_loop_whose_telemetry_is_closed_says_so_before_running() -> None:
+    class Closed(ListTelemetry):
+        closed = True
+
+    loop = new_loop(telemetry=Closed())
+    with pytest.raises(RuntimeError, match=r"Loop.run: this Loop's telemetry Closed is closed"):
+        loop.run(3)
+    assert loop.step_count == 0 and not loop._busy.locked()
+    w = loop.widget(metrics=["loss"], num_steps=5)
+    run_b, status = w.children[0].children[2], w.children[1]
+    run_b.click()  # refused in the click handler: nothing starts
+    assert "telemetry Closed is closed" in status.value and not run_b.disabled and loop.step_count == 0
+
+    open_one = ListTelemetry()
+    loop = new_loop(telemetry=open_one, log_every=1)
+    loop.run(2)
+    loop.close()
+    with pytest.raises(RuntimeError, match=r"ListTelemetry \(closed by loop.close\(\)\) is closed"):
+        loop.run(1)
+    loop.telemetry = ListTelemetry()
+    loop.run(1)
+    assert loop.step_count == 3
 
 
 # ---- with the real MLflow telemetry -------------------------------------------------------------

@@ -121,6 +121,13 @@ def test_ppo_config_errors_name_the_field(kwargs: dict, culprit: str):
         PPOConfig(**kwargs)
 
 
+@pytest.mark.parametrize("field", ["lr", "clip_eps", "ent_coef", "vf_coef", "max_grad_norm", "gamma", "gae_lambda"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_ppo_config_floats_must_be_finite(field: str, value: float):
+    with pytest.raises(ValidationError, match=f"{field}\n  Input should be a finite number .*input_value={value}"):
+        PPOConfig(**{field: value})
+
+
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="'Pong-v9' is not a gymnax environment"):
         make_ppo_env(PPOConfig(env_name="Pong-v9"))

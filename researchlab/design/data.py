@@ -30,7 +30,9 @@ class DataProvider(ABC, Generic[S]):
     "True when `get_batch` is a pure `jnp` function of the state, safe to call under `jit`/`lax.scan`."
 
     @abstractmethod
-    def get_batch(self, state: S) -> Batch:
+    def get_batch(self,
+                  state: S,  # the State after the last completed step (read, never changed)
+                  ) -> Batch:  # the batch for the next step
         "The batch for the step the `state` is at (may depend on its clock, RNG or contents)."
 
     @abstractmethod
@@ -94,8 +96,13 @@ class ArrayDataProvider(DataProvider[S]):
 
     jittable: ClassVar[bool] = True
 
-    def __init__(self, data: Batch, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 clock_field: str = "clock"):
+    def __init__(self,
+                 data: Batch,  # a PyTree of arrays sharing their leading axis (the examples)
+                 batch_size: int,  # examples per batch, in [1, number of examples]
+                 seed: int = 0,  # picks the shuffle order (with the epoch)
+                 shuffle: bool = True,  # False: batches in the data's order
+                 clock_field: str = "clock"):  # State attribute holding the Clock
+        "Serve `batch_size` examples of `data` per step, in an order fixed by the clock step and `seed`."
         leaves = jax.tree_util.tree_leaves_with_path(data)
         if not leaves:
             raise ValueError("ArrayDataProvider: data has no array leaves")
@@ -103,6 +110,10 @@ class ArrayDataProvider(DataProvider[S]):
         if len(set(sizes.values())) != 1 or None in sizes.values():
             raise ValueError(f"ArrayDataProvider: every leaf of data needs the same leading axis; got {sizes}")
         self.num_examples = int(next(iter(sizes.values())))
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+            raise TypeError(f"ArrayDataProvider: batch_size must be an int (examples per batch), got "
+                            f"{type(batch_size).__name__} batch_size={batch_size!r}; pass e.g. batch_size=32")
+        batch_size = int(batch_size)
         if not 0 < batch_size <= self.num_examples:
             raise ValueError(f"ArrayDataProvider: batch_size={batch_size} must be in [1, {self.num_examples}] "
                              f"(the number of examples)")
@@ -121,7 +132,9 @@ class ArrayDataProvider(DataProvider[S]):
         new.data, new.steps_per_epoch, new._cursor = children[0], aux[0] // aux[1], 0
         return new
 
-    def batch_at(self, step: int | jax.Array) -> Batch:
+    def batch_at(self,
+                 step: int | jax.Array,  # a clock step (may be a traced int under jit)
+                 ) -> Batch:  # `batch_size` examples: a slice of that epoch's permutation
         "The batch of clock step `step` (traceable: `step` may be a traced int)."
         step = jnp.asarray(step, jnp.int32)
         epoch, i = step // self.steps_per_epoch, step % self.steps_per_epoch
@@ -132,7 +145,10 @@ class ArrayDataProvider(DataProvider[S]):
             idx = i * self.batch_size + jnp.arange(self.batch_size)
         return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), self.data)
 
-    def get_batch(self, state: S) -> Batch:
+    def get_batch(self,
+                  state: S,  # a State holding its Clock in `clock_field` (or a Clock)
+                  ) -> Batch:  # the batch of the state's clock step
+        "`batch_at(state's clock step)`: traceable, so the Loop may call it under jit."
         return self.batch_at(_clock_step(state, self.clock_field))
 
     def __next__(self) -> Batch:

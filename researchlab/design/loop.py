@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .core import C, Clock, Config, S
 from .data import DataProvider
 from .persist import CheckpointManager, Persister
-from .telemetry import Telemetry
+from .telemetry import MultiTelemetry, Telemetry
 from .utils import flatten_config
 from .visualizer import Visualizer
 
@@ -201,6 +201,16 @@ class Callback:
     every: int  # period in steps: due when the clock reaches a multiple of it
     fn: Callable[..., object]  # called as fn(loop)
 
+    def __post_init__(self) -> None:
+        every = self.every
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            kind = TypeError if isinstance(every, bool) or not isinstance(every, (int, np.integer)) else ValueError
+            raise kind(f"Callback: every must be a positive int (the period in steps), got {every!r} "
+                       f"({type(every).__name__}); e.g. Callback(10, fn) calls fn(loop) every 10 steps")
+        if not callable(self.fn):
+            raise TypeError(f"Callback: fn must be callable as fn(loop), got {type(self.fn).__name__} {self.fn!r}")
+        object.__setattr__(self, "every", int(every))
+
 
 def _period(name: str, value: int | None) -> int | None:
     if value is None or value == 0:
@@ -288,7 +298,9 @@ class Loop(Generic[S, C]):
         self._stop_requested = False
         self._params_logged = False
         self._busy = threading.Lock()
-        self.interrupted = False
+        self.interrupted = False  # the last run was stopped by an interrupt (SIGINT, SIGTERM, KeyboardInterrupt)
+        self.stop_signal: int | None = None  # the signal (signal.SIGINT / SIGTERM) that stopped the last run
+        self._closed: Telemetry | None = None  # the telemetry that close() closed
         self._bar: tqdm | None = None
 
 # %% ../../nbs/09_loop.ipynb #a318dd89
@@ -387,44 +399,77 @@ def _fetch(self: Loop, keep_last: bool = False) -> list[dict[str, float]]:
     self.history.extend(records)
     if self.telemetry is not None:
         for r in records:
-            self.telemetry.log_metrics({k: v for k, v in r.items() if k != "step"}, r["step"])
+            try:
+                self.telemetry.log_metrics({k: v for k, v in r.items() if k != "step"}, r["step"])
+            except Exception as e:
+                raise RuntimeError(f"Loop: the telemetry {type(self.telemetry).__name__} could not log the metrics "
+                                   f"of step {r['step']} ({type(e).__name__}: {e}); they are in loop.history. Give "
+                                   f"the Loop an open telemetry (loop.telemetry = ...) or None and run again") from e
     if records and self._bar is not None:
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in records[-1].items() if k != "step"}, refresh=False)
     return records
 
 # %% ../../nbs/09_loop.ipynb #b977738b
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @patch
 @contextmanager
-def _sigint_stops(self: Loop) -> Iterator[None]:
-    "While active (main thread only), the first SIGINT asks this Loop to stop after this step; a second raises."
+def _signals_stop(self: Loop) -> Iterator[None]:
+    "While active (main thread only), a first SIGINT or SIGTERM asks this Loop to stop after this step; a second raises."
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
 
     def handler(signum: int, frame: object) -> None:
         if self._stop_requested:
             raise KeyboardInterrupt
         self._stop_requested = self.interrupted = True
-        print(f"Loop: interrupt received; stopping after step {self.step_count + 1} (interrupt again to abort now)")
+        self.stop_signal = signum
+        what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"Loop: {what} received at step {self.step_count}; stopping after the step in progress "
+              f"({what} again to abort now)", flush=True)
 
+    installed = []
     try:
-        signal.signal(signal.SIGINT, handler)
+        for s in _STOP_SIGNALS:
+            signal.signal(s, handler)
+            installed.append(s)
     except ValueError:  # not allowed here (e.g. embedded interpreter)
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for s in installed:
+            default = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
+            signal.signal(s, previous[s] if previous[s] is not None else default)
 
 # %% ../../nbs/09_loop.ipynb #c041b37a
+def _closed_telemetry(telemetry: Telemetry, closed_by_loop: Telemetry | None) -> str | None:
+    "The name of `telemetry` (or of a part of a `MultiTelemetry`) when it is closed, else None."
+    if telemetry is closed_by_loop:
+        return f"{type(telemetry).__name__} (closed by loop.close())"
+    if getattr(telemetry, "closed", False) is True:
+        return type(telemetry).__name__
+    for part in telemetry.telemetries if isinstance(telemetry, MultiTelemetry) else ():
+        if name := _closed_telemetry(part, closed_by_loop):
+            return name
+    return None
+
+
 @patch
 def _start(self: Loop, where: str) -> None:
     if not self._busy.acquire(blocking=False):
         raise RuntimeError(f"Loop.{where}: the loop is already running (an unfinished steps() generator, the "
                            f"widget, or another thread); finish or close() the generator, or press the widget's Stop")
+    if self.telemetry is not None and (closed := _closed_telemetry(self.telemetry, self._closed)):
+        self._busy.release()
+        raise RuntimeError(f"Loop.{where}: this Loop's telemetry {closed} is closed, so the steps' metrics would "
+                           f"be lost; give it an open one (loop.telemetry = MLFlowTelemetry(...)) or none "
+                           f"(loop.telemetry = None) and run again")
     self._stop_requested = self.interrupted = False
+    self.stop_signal = None
     if self.log_config and not self._params_logged and self.telemetry is not None:
         try:
             self.telemetry.log_params(flatten_config(self.config) if isinstance(self.config, Config) else self.config)
@@ -452,13 +497,16 @@ def _drive(self: Loop, num_steps: int, after: Callable[[int], None] | None = Non
 # %% ../../nbs/09_loop.ipynb #2f161ae9
 @patch
 def _finish(self: Loop, checkpoint: bool = True) -> None:
-    "End of a run: fetch pending metrics, flush telemetry, final checkpoint; always releases the loop."
+    "End of a run: fetch pending metrics, flush telemetry, final checkpoint (even when the telemetry fails); "
+    "always releases the loop."
     try:
-        self._fetch()
-        if self.telemetry is not None:
-            self.telemetry.flush()
-        if checkpoint and self.checkpoints is not None:
-            self.save()
+        try:
+            self._fetch()
+            if self.telemetry is not None:
+                self.telemetry.flush()
+        finally:
+            if checkpoint and self.checkpoints is not None:
+                self.save()
     finally:
         self._busy.release()
 
@@ -471,15 +519,16 @@ def run(self: Loop,
     num_steps = _num_steps(num_steps, "run")
     self._start("run")
     failed = True
-    try:
-        with self._sigint_stops(), tqdm(total=num_steps, desc="Loop", disable=not self.progress,
-                                        leave=True, dynamic_ncols=True) as bar:
-            self._bar = bar
-            self._drive(num_steps, bar.update)
-            failed = False
-    finally:
-        self._bar = None
-        self._finish(checkpoint=not failed)
+    with self._signals_stop():  # also around _finish: a signal during the final checkpoint does not kill it
+        try:
+            with tqdm(total=num_steps, desc="Loop", disable=not self.progress, leave=True,
+                      dynamic_ncols=True) as bar:
+                self._bar = bar
+                self._drive(num_steps, bar.update)
+                failed = False
+        finally:
+            self._bar = None
+            self._finish(checkpoint=not failed)
     if self.interrupted:
         print(f"Loop: stopped at step {self.step_count}; run(...) continues from here")
     return self.state
@@ -554,6 +603,7 @@ def close(self: Loop) -> None:
     "Close the telemetry and the visualizer (flushing what they hold); the Loop's State stays readable."
     if self.telemetry is not None:
         self.telemetry.close()
+        self._closed = self.telemetry  # a later run says so instead of failing at the first logged step
     if self.visualizer is not None:
         self.visualizer.close()
 

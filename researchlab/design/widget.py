@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 __all__ = ['loop_widget']
 
 # %% ../../nbs/09a_widget.ipynb #6b46c53d
+def _error(e: BaseException) -> str:
+    "The status line for an error the widget caught (it has no cell to raise into)."
+    return f"error: {type(e).__name__}: {e}"
+
+
 def _plot_png(loop: Loop, names: Sequence[str]) -> bytes:
     "A PNG of the chosen metrics from `loop.history` (matplotlib's Agg canvas; no pyplot state)."
     import io
@@ -82,23 +87,27 @@ def loop_widget(loop: Loop,  # the Loop the buttons drive
         try:
             m = loop.step()
             status.value = "step " + str(loop.step_count) + ": " + ", ".join(f"{k}={v:.4g}" for k, v in m.items())
+            refresh(force=True)
         except Exception as e:  # shown in the widget, which has no cell to raise into
-            status.value = f"error: {type(e).__name__}: {e}"
-        refresh(force=True)
+            status.value = _error(e)
+            counter.value = loop.step_count
 
     def work(n: int) -> None:
-        failed, message = True, ""
+        error = None  # the first error wins: later ones are usually its consequences
         try:
             status.value = f"running {n} steps"
             loop._drive(n, lambda k: refresh())
-            message = f"{'paused' if loop._stop_requested else 'done'} at step {loop.step_count}"
-            failed = False
         except Exception as e:  # shown in the widget, which has no cell to raise into
-            message = f"error: {type(e).__name__}: {e}"
+            error = _error(e)
         finally:
-            loop._finish(checkpoint=not failed)
-            refresh(force=True)
-            status.value = message  # after the refresh: when it says done, counter and plot show the last step
+            for end in (lambda: loop._finish(checkpoint=error is None), lambda: refresh(force=True)):
+                try:  # each part on its own: an error here must not leave the widget "running"
+                    end()
+                except Exception as e:
+                    error = error or _error(e)
+            counter.value = loop.step_count
+            # after the refresh: when it says done, counter and plot show the last step
+            status.value = error or f"{'paused' if loop._stop_requested else 'done'} at step {loop.step_count}"
             busy(False)  # the buttons come back last
 
     def on_run(_: object) -> None:

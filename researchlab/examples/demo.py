@@ -5,23 +5,32 @@
 # %% ../../nbs/31a_demo.ipynb #1f01df9a
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
+import socket
 import sys
+import time
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 from pydantic import Field, ValidationError
 from tqdm.auto import tqdm
+from typing_extensions import Self
 
 from ..design.core import Config
 from ..design.infra import EquinoxPersister, MLFlowTelemetry, MultiTelemetry, NoBatch, Telemetry
 from ..design.loop import Loop
+from ..design.persist import CheckpointManager
 from ..tracking.tracker import ExperimentTracker
 from .cartpole_render import record_episode
 from .ppo import PPOConfig, init_ppo, ppo_step
 
 # %% auto #0
-__all__ = ['DemoCLIConfig', 'build_config', 'CLIError', 'parse_overrides', 'demo_help', 'run_demo', 'demo_main']
+__all__ = ['DemoCLIConfig', 'build_config', 'CLIError', 'validation_problems', 'parse_overrides', 'demo_help', 'run_demo',
+           'RunLocked', 'RunLock', 'demo_main']
 
 # %% ../../nbs/31a_demo.ipynb #96efda79
 class DemoCLIConfig(Config):
@@ -29,7 +38,7 @@ class DemoCLIConfig(Config):
     seed: int = Field(0, description="random seed of the model, the environments and the sampling")
     total_steps: int = Field(500_000, gt=0, description="environment steps to train for")
     num_envs: int = Field(4, gt=0, description="parallel CartPole environments")
-    lr: float = Field(2.5e-4, gt=0, description="Adam learning rate (annealed linearly to 0)")
+    lr: float = Field(2.5e-4, gt=0, allow_inf_nan=False, description="Adam learning rate (annealed linearly to 0)")
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
     experiment: str = Field("rlab-demo", description="MLflow experiment name")
     runs_dir: str = Field("runs", description="checkpoints and videos go to <runs_dir>/<run id>/")
@@ -41,13 +50,30 @@ class DemoCLIConfig(Config):
 _TRAINING_KEYS = frozenset(DemoCLIConfig.model_fields) & frozenset(PPOConfig.model_fields)  # seed, total_steps, ...
 
 
-def build_config(cli: DemoCLIConfig) -> PPOConfig:
-    "The full `PPOConfig` for `cli`: PureJaxRL's CartPole defaults with the CLI's training options on top."
-    return PPOConfig(**{k: getattr(cli, k) for k in _TRAINING_KEYS})
+def build_config(cli: DemoCLIConfig,  # the command line's options
+                 ) -> PPOConfig:  # PureJaxRL's CartPole defaults with the CLI's training options on top
+    "The full `PPOConfig` for `cli`; options that are valid alone but not together raise a one-line `CLIError`."
+    values = {k: getattr(cli, k) for k in _TRAINING_KEYS}
+    try:
+        return PPOConfig(**values)
+    except ValidationError as e:
+        raise CLIError(f"invalid options: {validation_problems(e, values)}") from None
 
 # %% ../../nbs/31a_demo.ipynb #54a259d8
 class CLIError(ValueError):
     "A bad command line; the message says which argument and how to fix it."
+
+
+def validation_problems(e: ValidationError,  # what pydantic raised
+                        values: Mapping[str, object],  # the values given, to show the one received
+                        ) -> str:  # one line: `field=value: message; ...`, or the message of a whole-config check
+    "One line naming each field pydantic refused and the value it received."
+    problems = []
+    for err in e.errors():
+        msg = err["msg"].removeprefix("Value error, ")
+        field = ".".join(map(str, err["loc"]))
+        problems.append(f"{field}={values.get(str(err['loc'][0]))!r}: {msg}" if field else msg)
+    return "; ".join(problems)
 
 
 def _parse_value(text: str) -> object:
@@ -65,7 +91,9 @@ def _parse_value(text: str) -> object:
     return text
 
 
-def parse_overrides(args: Sequence[str], cls: type[Config] = DemoCLIConfig) -> Config:
+def parse_overrides(args: Sequence[str],  # `key=value` strings, as typed after `rlab demo`
+                    cls: type[Config] = DemoCLIConfig,  # the Config to build
+                    ) -> Config:
     "Build `cls` from `key=value` strings, with clear errors for unknown keys and bad values."
     values: dict[str, object] = {}
     for arg in args:
@@ -78,9 +106,7 @@ def parse_overrides(args: Sequence[str], cls: type[Config] = DemoCLIConfig) -> C
     try:
         return cls(**values)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}={values.get(str(err['loc'][0]))!r}: {err['msg']}"
-                             for err in e.errors())
-        raise CLIError(f"invalid option value: {problems}") from None
+        raise CLIError(f"invalid option value: {validation_problems(e, values)}") from None
 
 # %% ../../nbs/31a_demo.ipynb #6af4de57
 _USAGE = """usage: rlab demo [key=value ...] [--resume RUN_ID]
@@ -145,52 +171,145 @@ class _Interrupted(KeyboardInterrupt):
     "Raised inside the tracker's `with` so that an interrupted run ends KILLED."
 
 
-def run_demo(cli: DemoCLIConfig, resume: str | None = None, progress: bool = True) -> dict[str, object]:
-    "Train (or continue) the demo run; returns `run_id`, `final_return`, `video`, `checkpoint_dir`, `interrupted`."
+def _has_checkpoint(ckpt: Path) -> bool:
+    "Whether the folder holds a complete checkpoint of the demo's format."
+    return ckpt.is_dir() and CheckpointManager(ckpt, EquinoxPersister(), create=False).latest() is not None
+
+
+def run_demo(cli: DemoCLIConfig,  # the command line's options (with --resume: applied on top of the saved ones)
+             resume: str | None = None,  # the run id to continue, or None for a new run
+             progress: bool = True,  # show the terminal progress bar
+             ) -> dict[str, object]:  # `run_id`, `final_return`, `video`, `checkpoint_dir`, `interrupted`, `signal`, ...
+    "Train (or continue) the demo run, holding its `RunLock`; an interrupt ends the MLflow run KILLED."
     cli, config = _resume_configs(cli, resume) if resume else (cli, build_config(cli))
     runs = Path(cli.runs_dir)
     result: dict[str, object] = {}
-    try:
-        with ExperimentTracker(cli.experiment, run_name=resume, tracking_uri=cli.tracking_uri,
-                               resume=resume is not None, config=None if resume else config) as tracker:
-            run_dir = runs / tracker.run_name
-            ckpt = run_dir / "checkpoints"
-            bar = _DemoProgress(config.num_updates)
-            telemetry = MLFlowTelemetry(run_id=tracker.run_id, tracking_uri=tracker.tracking_uri)
-            if progress:
-                telemetry = MultiTelemetry(telemetry, bar)
-            common = dict(telemetry=telemetry, log_every=cli.log_every, save_every=cli.save_every,
-                          progress=False, log_config=False,
-                          steps_per_call=_steps_per_call(config.num_updates))
-            if resume:
-                loop = Loop.resume(ckpt, ppo_step, NoBatch(), like=init_ppo(config), config=PPOConfig,
-                                   persister=EquinoxPersister(), **common)
-            else:
+    with ExitStack() as held:
+        if resume:  # before the MLflow run is touched: a refused resume changes nothing there
+            _note_takeover(held.enter_context(RunLock(runs / resume / "checkpoints", resume)))
+        try:
+            _train(cli, config, resume, progress, held, result)
+        except _Interrupted:
+            pass
+    return result
+
+
+def _note_takeover(lock: RunLock) -> None:
+    if lock.previous:
+        print(f"rlab demo: took over the lock of a process that is gone ({lock.previous}); {lock.path}",
+              file=sys.stderr)
+
+
+def _train(cli: DemoCLIConfig, config: PPOConfig, resume: str | None, progress: bool, held: ExitStack,
+           result: dict[str, object]) -> None:
+    "The tracked part of `run_demo`: results go into `result`; raises `_Interrupted` to end the run KILLED."
+    runs = Path(cli.runs_dir)
+    with ExperimentTracker(cli.experiment, run_name=resume, tracking_uri=cli.tracking_uri,
+                           resume=resume is not None, config=None if resume else config) as tracker:
+        run_dir = runs / tracker.run_name
+        ckpt = run_dir / "checkpoints"
+        if not resume:
+            _note_takeover(held.enter_context(RunLock(ckpt, tracker.run_name)))
+        start_over = resume is not None and not _has_checkpoint(ckpt)
+        if start_over:
+            print(f"rlab demo: run {resume} has no complete checkpoint in {ckpt} (it was stopped before its "
+                  f"first one); starting it over from update 0", flush=True)
+            tracker.client.set_tag(tracker.run_id, "rlab.restarted",
+                                   "from update 0: resumed before its first checkpoint")
+        bar = _DemoProgress(config.num_updates)
+        telemetry = MLFlowTelemetry(run_id=tracker.run_id, tracking_uri=tracker.tracking_uri)
+        if progress:
+            telemetry = MultiTelemetry(telemetry, bar)
+        common = dict(telemetry=telemetry, log_every=cli.log_every, save_every=cli.save_every,
+                      progress=False, log_config=False,
+                      steps_per_call=_steps_per_call(config.num_updates))
+        if resume and not start_over:
+            loop = Loop.resume(ckpt, ppo_step, NoBatch(), like=init_ppo(config), config=PPOConfig,
+                               persister=EquinoxPersister(), **common)
+        else:
+            if not resume:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 config.to_json(run_dir / "config.json")
                 cli.to_json(run_dir / "cli.json")
-                loop = Loop(config, init_ppo(config), ppo_step, NoBatch(), persister=EquinoxPersister(),
-                            checkpoint_dir=ckpt, **common)
+            loop = Loop(config, init_ppo(config), ppo_step, NoBatch(), persister=EquinoxPersister(),
+                        checkpoint_dir=ckpt, **common)
+        try:
+            if progress:
+                bar.start(loop.step_count)
+            loop.run(max(config.num_updates - loop.step_count, 0))
+            bar.finish(loop.step_count)
+        finally:
+            telemetry.close()
+        result.update(run_id=tracker.run_name, mlflow_run_id=tracker.run_id, checkpoint_dir=str(ckpt),
+                      step=loop.step_count, final_return=float(loop.state.return_mean), video=None,
+                      interrupted=loop.interrupted, signal=loop.stop_signal)
+        if loop.interrupted:
+            raise _Interrupted
+        if cli.video:
+            rec, length = record_episode(loop.state.model, config, run_dir / "episode.mp4")
+            rec.log_to_mlflow("videos", run_id=tracker.run_id)
+            tracker.client.log_metric(tracker.run_id, "eval_episode_length", length, step=loop.step_count)
+            result.update(video=str(rec.path), eval_episode_length=length)
+
+# %% ../../nbs/31a_demo.ipynb #2ff7c477
+class RunLocked(RuntimeError):
+    "Another live process holds the run's lock; the message names it."
+
+
+class RunLock:
+    "An exclusive lock on a run's folder (`<directory>/rlab.lock`, holding the holder's pid); a context manager."
+
+    def __init__(self,
+                 directory: str | Path,  # the run's checkpoint folder (made if missing)
+                 run_id: str = "",  # the run's id, for the messages
+                 ):
+        self.path, self.run_id = Path(directory) / "rlab.lock", run_id
+        self.previous: str | None = None  # what a dead holder had written, when its lock was taken over
+        self._fd: int | None = None
+
+    def acquire(self) -> Self:
+        "Take the lock, or raise `RunLocked` naming the process that holds it."
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if progress:
-                    bar.start(loop.step_count)
-                loop.run(max(config.num_updates - loop.step_count, 0))
-                bar.finish(loop.step_count)
-            finally:
-                telemetry.close()
-            result.update(run_id=tracker.run_name, mlflow_run_id=tracker.run_id, checkpoint_dir=str(ckpt),
-                          step=loop.step_count, final_return=float(loop.state.return_mean), video=None,
-                          interrupted=loop.interrupted)
-            if loop.interrupted:
-                raise _Interrupted
-            if cli.video:
-                rec, length = record_episode(loop.state.model, config, run_dir / "episode.mp4")
-                rec.log_to_mlflow("videos", run_id=tracker.run_id)
-                tracker.client.log_metric(tracker.run_id, "eval_episode_length", length, step=loop.step_count)
-                result.update(video=str(rec.path), eval_episode_length=length)
-    except _Interrupted:
-        pass
-    return result
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
+                os.close(fd)
+                pid, host, since = (holder + ["?", "?", "?"])[:3]
+                raise RunLocked(f"run {self.run_id or self.path.parent} is being trained by process {pid} on {host} "
+                                f"(since {since}; lock {self.path}); wait for it to end, or stop it with "
+                                f"`kill {pid}` (it checkpoints and exits) and resume again") from None
+            try:  # its last holder may have removed the file between our open and our flock: retry on the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.previous = os.pread(fd, 4096, 0).decode(errors="replace").strip() or None
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {stamp}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        "Remove the lock file and drop the lock (nothing when not held)."
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 # %% ../../nbs/31a_demo.ipynb #a4f89d84
 def _summary(res: dict[str, object], cli: DemoCLIConfig) -> str:
@@ -204,14 +323,39 @@ def _summary(res: dict[str, object], cli: DemoCLIConfig) -> str:
     return "\n".join(lines)
 
 
-def demo_main(argv: Sequence[str]) -> int:
-    "`rlab demo [key=value ...] [--resume RUN_ID] [--help]` (`argv` after `demo`); returns the exit status."
-    args = list(argv)
+class _Signalled(KeyboardInterrupt):
+    "A signal that arrived while the Loop was not running."
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    "SIGTERM outside the Loop's run (starting, recording the video): end like Ctrl-C, the MLflow run KILLED."
+    raise _Signalled(signum)
+
+
+def demo_main(argv: Sequence[str],  # the arguments after `rlab demo`
+              ) -> int:  # 0 done, 2 bad command line, 75 run busy, 128 + signal number when interrupted
+    "`rlab demo [key=value ...] [--resume RUN_ID] [--help]`; SIGTERM is handled like Ctrl-C."
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _demo_main(list(argv))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _demo_main(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print(demo_help())
         return 0
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")  # ffmpeg is started by subprocess
-    resume = None
+    resume, runs_dir = None, DemoCLIConfig.model_fields["runs_dir"].default
     try:
         if "--resume" in args:
             i = args.index("--resume")
@@ -220,6 +364,7 @@ def demo_main(argv: Sequence[str]) -> int:
             resume = args[i + 1]
             args = args[:i] + args[i + 2:]
         cli = parse_overrides(args)
+        runs_dir = cli.runs_dir
         fixed = sorted(cli.model_fields_set & _TRAINING_KEYS)
         if resume and fixed:
             raise CLIError(f"{', '.join(fixed)} cannot change when resuming: --resume {resume} continues with the "
@@ -228,9 +373,18 @@ def demo_main(argv: Sequence[str]) -> int:
     except CLIError as e:
         print(f"rlab demo: {e}", file=sys.stderr)
         return 2
+    except RunLocked as e:
+        print(f"rlab demo: {e}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: try again later
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
+        print(f"\nrlab demo: interrupted ({signal.Signals(signum).name}) outside training; its MLflow run, if it "
+              f"had started, is KILLED; `rlab demo --resume RUN_ID` continues it (run ids are the folders under "
+              f"{runs_dir}/)", file=sys.stderr)
+        return 128 + signum
     if res["interrupted"]:
         print(f"\ninterrupted at update {res['step']}; a checkpoint is in {res['checkpoint_dir']}\n"
               f"continue with: rlab demo --resume {res['run_id']}")
-        return 130
+        return 128 + (res["signal"] or signal.SIGINT)
     print(_summary(res, cli))
     return 0

@@ -30,14 +30,14 @@ class PPOConfig(Config):
     total_steps: int = Field(500_000, gt=0)  # environment steps of the whole run
     update_epochs: int = Field(4, gt=0)  # passes over each rollout
     num_minibatches: int = Field(4, gt=0)  # minibatches per pass
-    lr: float = Field(2.5e-4, gt=0)  # Adam learning rate (start value when annealed)
+    lr: float = Field(2.5e-4, gt=0, allow_inf_nan=False)  # Adam learning rate (start value when annealed)
     anneal_lr: bool = True  # decay the learning rate linearly to 0 over the run
-    gamma: float = Field(0.99, ge=0, le=1)  # discount
-    gae_lambda: float = Field(0.95, ge=0, le=1)  # GAE λ
-    clip_eps: float = Field(0.2, gt=0)  # PPO ratio clip (also clips the value update)
-    ent_coef: float = Field(0.01, ge=0)  # entropy bonus weight
-    vf_coef: float = Field(0.5, ge=0)  # value loss weight
-    max_grad_norm: float = Field(0.5, gt=0)  # global gradient norm clip
+    gamma: float = Field(0.99, ge=0, le=1, allow_inf_nan=False)  # discount
+    gae_lambda: float = Field(0.95, ge=0, le=1, allow_inf_nan=False)  # GAE λ
+    clip_eps: float = Field(0.2, gt=0, allow_inf_nan=False)  # PPO ratio clip (also clips the value update)
+    ent_coef: float = Field(0.01, ge=0, allow_inf_nan=False)  # entropy bonus weight
+    vf_coef: float = Field(0.5, ge=0, allow_inf_nan=False)  # value loss weight
+    max_grad_norm: float = Field(0.5, gt=0, allow_inf_nan=False)  # global gradient norm clip
     hidden: int = Field(64, gt=0)  # width of the two hidden layers of actor and critic
     seed: int = 0  # seeds the model, the environments and the sampling
 
@@ -135,7 +135,8 @@ class PPOState(State):
     rng: jax.Array  # typed PRNG key
 
 # %% ../../nbs/30_ppo.ipynb #75fc8819
-def make_ppo_env(config: PPOConfig) -> tuple[gymnax.environments.environment.Environment, gymnax.EnvParams]:
+def make_ppo_env(config: PPOConfig,  # names the environment (`env_name`)
+                 ) -> tuple[gymnax.environments.environment.Environment, gymnax.EnvParams]:  # `(env, env_params)`
     "The gymnax environment and its default parameters named by `config.env_name`."
     try:
         return gymnax.make(config.env_name)
@@ -144,7 +145,8 @@ def make_ppo_env(config: PPOConfig) -> tuple[gymnax.environments.environment.Env
                          f"(e.g. 'CartPole-v1', 'Acrobot-v1'); see gymnax.registered_envs") from e
 
 
-def make_ppo_optimizer(config: PPOConfig) -> optax.GradientTransformation:
+def make_ppo_optimizer(config: PPOConfig,  # `lr`, `anneal_lr`, `max_grad_norm` and the run's length
+                       ) -> optax.GradientTransformation:  # gradient clipping, then Adam
     "Global-norm clipping then Adam (eps 1e-5), with the learning rate annealed linearly when asked, on the raveled parameters."
     per_update = config.update_epochs * config.num_minibatches
 
@@ -155,7 +157,9 @@ def make_ppo_optimizer(config: PPOConfig) -> optax.GradientTransformation:
                                      optax.adam(schedule if config.anneal_lr else config.lr, eps=1e-5)))
 
 
-def init_ppo(config: PPOConfig, key: jax.Array | None = None) -> PPOState:
+def init_ppo(config: PPOConfig,  # the run's hyper-parameters
+             key: jax.Array | None = None,  # a typed PRNG key (default: `jax.random.key(config.seed)`)
+             ) -> PPOState:  # at update 0
     "A fresh `PPOState` (new model, reset environments); the key defaults to `jax.random.key(config.seed)`."
     env, env_params = make_ppo_env(config)
     key = jax.random.key(config.seed) if key is None else key
@@ -178,7 +182,9 @@ class PPOTransition(NamedTuple):
     finished_return: jax.Array  # (E,) the episode's return where `done`, else 0
 
 
-def collect_rollout(state: PPOState, config: PPOConfig) -> tuple[PPOState, PPOTransition]:
+def collect_rollout(state: PPOState,  # where the environments and the policy are
+                    config: PPOConfig,  # `num_envs` (E) and `num_steps` (T)
+                    ) -> tuple[PPOState, PPOTransition]:  # the advanced state and the `(T, E, ...)` transitions
     "Step the `E` environments `T` times with the current policy: `(state advanced, transitions (T, E, ...))`."
     env, env_params = make_ppo_env(config)
     T, E = config.num_steps, config.num_envs
@@ -208,8 +214,12 @@ def collect_rollout(state: PPOState, config: PPOConfig) -> tuple[PPOState, PPOTr
     return state, traj
 
 # %% ../../nbs/30_ppo.ipynb #56cba518
-def ppo_loss(model: ActorCritic, batch: PPOTransition, advantages_B: jax.Array, targets_B: jax.Array,
-             config: PPOConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+def ppo_loss(model: ActorCritic,  # the actor-critic being trained
+             batch: PPOTransition,  # one minibatch, flat fields of leading size B
+             advantages_B: jax.Array,  # GAE advantages (normalised here over the minibatch)
+             targets_B: jax.Array,  # value targets R = advantages + old values
+             config: PPOConfig,  # `clip_eps`, `vf_coef`, `ent_coef`
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:  # `(loss, diagnostics)`
     r"""PPO loss of one minibatch of `B` transitions (flat `PPOTransition` fields of leading size `B`).
 
     $$L = -\mathbb{E}\left[\min(\rho A, \operatorname{clip}(\rho, 1-\epsilon, 1+\epsilon) A)\right]
@@ -231,7 +241,10 @@ def ppo_loss(model: ActorCritic, batch: PPOTransition, advantages_B: jax.Array, 
 _LOGGED = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")  # diagnostics kept as metrics
 
 
-def ppo_step(state: PPOState, config: PPOConfig, batch: object = None) -> tuple[PPOState, dict[str, jax.Array]]:
+def ppo_step(state: PPOState,  # the run so far
+             config: PPOConfig,  # the run's hyper-parameters (static under jit)
+             batch: object = None,  # unused: PPO collects its own data (the Loop passes `NoBatch`'s None)
+             ) -> tuple[PPOState, dict[str, jax.Array]]:  # the state one update later and its metrics
     """One PPO update: a rollout of `num_steps` × `num_envs` steps, then `update_epochs` passes of
     `num_minibatches` gradient steps. A pure kernel for the `Loop` (`batch` is unused: the rollout is
     the data). Returns the new state and scalar metrics."""
@@ -271,8 +284,11 @@ def ppo_step(state: PPOState, config: PPOConfig, batch: object = None) -> tuple[
     return new_state, metrics
 
 # %% ../../nbs/30_ppo.ipynb #0e283829
-def rollout_episode(model: ActorCritic, config: PPOConfig, key: jax.Array,
-                    max_steps: int = 500) -> tuple[gymnax.EnvState, jax.Array, jax.Array]:
+def rollout_episode(model: ActorCritic,  # the policy, played greedily (argmax action)
+                    config: PPOConfig,  # names the environment
+                    key: jax.Array,  # a typed PRNG key for the reset
+                    max_steps: int = 500,  # steps recorded (the episode may end earlier)
+                    ) -> tuple[gymnax.EnvState, jax.Array, jax.Array]:  # `(states over max_steps, length, return)`
     "Play one greedy episode: `(env states stacked on a leading axis of max_steps, length, return)`."
     env, env_params = make_ppo_env(config)
     k_reset, k_steps = jax.random.split(key)
