@@ -431,6 +431,12 @@ def sent(self: MLFlowTelemetry) -> int:
     "How many points have reached MLflow so far."
     return self._sender.sent
 
+
+@patch(as_prop=True)
+def closed(self: MLFlowTelemetry) -> bool:
+    "True after `close()`: the Loop refuses to start with a closed telemetry instead of failing at its first log."
+    return not self._finalizer.alive
+
 # %% ../../nbs/05_mlflow_telemetry.ipynb #01bc14ce
 def _without_redacted_user(uri: str) -> str:
     "A recorded URI whose password was redacted (`user:***@`), without the user part: MLflow then takes the "
