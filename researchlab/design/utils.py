@@ -191,7 +191,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 def _model_params(cls: type) -> dict[str, AttrDict]:
     "A pydantic model's fields in the form `docments(..., full=True)` gives a function's parameters."
     docs = _field_comments(cls)
-    return {name: AttrDict(anno=f.annotation, kind=Parameter.KEYWORD_ONLY, docment=docs.get(name),
+    return {name: AttrDict(anno=f.annotation, kind=Parameter.KEYWORD_ONLY, docment=docs.get(name) or f.description,
                            default=empty if f.is_required() else f.get_default(call_default_factory=True))
             for name, f in cls.model_fields.items()}
 
@@ -200,6 +200,11 @@ def _params_of(sym: object) -> tuple[dict[str, AttrDict], AttrDict | None]:
     "`sym`'s parameters with their docments, and its return (None for a class)."
     if isinstance(sym, type) and hasattr(sym, "model_fields"):
         return _model_params(sym), None
+    if isinstance(sym, type) and issubclass(sym, tuple) and hasattr(sym, "_fields"):  # a NamedTuple: its fields
+        docs, defaults = _field_comments(sym), getattr(sym, "_field_defaults", {})
+        return {name: AttrDict(anno=sym.__annotations__.get(name, empty), kind=Parameter.POSITIONAL_OR_KEYWORD,
+                               docment=docs.get(name), default=defaults.get(name, empty))
+                for name in sym._fields}, None
     target = sym
     if isinstance(sym, type) and dataclasses.is_dataclass(sym) and "__init__" in vars(sym):
         try:  # a dataclass (an equinox Module) with a hand-written __init__: its parameters are the __init__'s

@@ -69,8 +69,8 @@ class PPOConfig(Config):
 # %% ../../nbs/30_ppo.ipynb #d5a9d049
 class Dense(eqx.Module):
     "`x_..._I @ weight_I_O + bias_O` on any leading batch axes (input-major weights, as flax's `Dense`)."
-    weight_I_O: jax.Array
-    bias_O: jax.Array
+    weight_I_O: jax.Array  # weights, input-major `(I, O)`
+    bias_O: jax.Array  # bias `(O,)`
 
     def __call__(self, x_I: jax.Array) -> jax.Array:
         y = x_I @ self.weight_I_O
@@ -100,7 +100,13 @@ class ActorCritic(eqx.Module):
     actor: tuple[Dense, ...]
     critic: tuple[Dense, ...]
 
-    def __init__(self, obs_size: int, num_actions: int, hidden: int = 64, *, key: jax.Array):
+    def __init__(self,
+                 obs_size: int,  # length `O` of an observation
+                 num_actions: int,  # number `A` of discrete actions
+                 hidden: int = 64,  # width of the two tanh hidden layers of each network
+                 *,
+                 key: jax.Array,  # PRNG key for the orthogonal initialisation
+                 ):
         ka, kc = jax.random.split(key)
         ka1, ka2, ka3 = jax.random.split(ka, 3)
         kc1, kc2, kc3 = jax.random.split(kc, 3)
@@ -110,11 +116,15 @@ class ActorCritic(eqx.Module):
         self.critic = (_dense(kc1, obs_size, hidden, g), _dense(kc2, hidden, hidden, g),
                        _dense(kc3, hidden, 1, 1.0))
 
-    def logits(self, obs_O: jax.Array) -> jax.Array:
+    def logits(self,
+               obs_O: jax.Array,  # observations `(..., O)`
+               ) -> jax.Array:
         "The policy alone: `obs_..._O` → `logits_..._A`."
         return _mlp(self.actor, obs_O)
 
-    def value(self, obs_O: jax.Array) -> jax.Array:
+    def value(self,
+              obs_O: jax.Array,  # observations `(..., O)`
+              ) -> jax.Array:
         "The critic alone: `obs_..._O` → `value_...`."
         return _mlp(self.critic, obs_O)[..., 0]
 
