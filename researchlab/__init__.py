@@ -1,6 +1,6 @@
 """researchlab: a Jupyter-first workbench for ML and RL research in JAX.
 
-The public names of the library modules (design, tracking, rl) are reachable from here
+The public names of the library modules (design, tracking, rl, llm) are reachable from here
 (`from researchlab import Config, Loop, ...`), but each is imported only when first used (PEP 562): `import
 researchlab` costs no more than the interpreter start, `researchlab.Config` imports `researchlab.design.core`
 (and JAX) and nothing else, `researchlab.ExperimentTracker` brings in MLflow and GitPython. `_EXPORTS` below
@@ -85,9 +85,32 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "create_algorithm_config", "compute_loss_by_algorithm", "compute_advantages_by_algorithm",
         "AlgorithmSchedule",
     ),
+    # researchlab.llm: chat types, tokenizers, chat templates, the Llama decoder, sampling
+    "researchlab.llm.types": (
+        "ROLES", "Role", "FINISH_REASONS", "ToolCall", "Message", "Conversation", "check_conversation",
+        "GenerationConfig", "Generation", "finish_reasons", "ModelConfig",
+    ),
+    "researchlab.llm.tokenizers": (
+        "CHATML_SPECIAL_TOKENS", "SMOLLM2_FILE", "Tokenizer", "HFTokenizer", "train_bpe", "gguf_metadata",
+        "tokenizer_from_gguf", "smollm2_path", "load_tokenizer",
+    ),
+    "researchlab.llm.chat": (
+        "CHATML_TEMPLATE", "HERMES_TOOLS_PREAMBLE", "HERMES_TOOLS_FOOTER", "HERMES_TEMPLATE", "MASK_ON", "MASK_OFF",
+        "Segments", "TemplateFn", "render_segments", "render_chat", "ChatTokens", "apply_chat_template",
+        "parse_tool_calls", "check_prefix_preserving",
+    ),
+    "researchlab.llm.models": (
+        "LlamaLayers", "Llama", "init_llama", "rms_norm", "apply_rope", "grouped_query_attention", "KVCache",
+        "init_cache", "llama_forward", "sequence_logits", "llama_from_gguf", "load_model",
+    ),
+    "researchlab.llm.generate": (
+        "left_pad", "filter_logits", "sample_token", "kv_generate", "recompute_generate", "completion_logprobs",
+        "Generator", "KVCacheGenerator", "RecomputeGenerator", "OpenAICompatibleGenerator", "decode_completions",
+        "batch_generate", "generate",
+    ),
 }
 _LAZY: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBPACKAGES = ("design", "tracking", "rl", "examples")
+_SUBPACKAGES = ("design", "tracking", "rl", "llm", "examples")
 
 __all__ = list(_LAZY)
 
