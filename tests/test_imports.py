@@ -19,7 +19,8 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.design.telemetry", "researchlab.design.mlflow_rules",
                    "researchlab.design.mlflow_telemetry", "researchlab.design.persist", "researchlab.design.infra",
                    "researchlab.design.visualizer", "researchlab.design.loop", "researchlab.design.widget",
-                   "researchlab.tracking.utils",
+                   "researchlab.tracking.utils", "researchlab.llm.types", "researchlab.llm.tokenizers",
+                   "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate",
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.rl"]
 TYPEVARS = {"S", "C", "T"}
 
