@@ -33,8 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from researchlab.design.eqx_persist import EquinoxPersister  # noqa: E402
 from researchlab.design.mlflow_telemetry import MLFlowTelemetry  # noqa: E402
-from researchlab.design.persist import EquinoxPersister  # noqa: E402
 from researchlab.design.visualizer import VideoRecorder  # noqa: E402
 
 

@@ -39,8 +39,16 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "MLFlowTelemetry", "upload_spool", "upload_main",
     ),
     "researchlab.design.persist": (
-        "Persister", "CheckpointError", "CheckpointVersionError", "DiskFullError", "atomic_write", "EquinoxPersister",
-        "CheckpointManager", "OrbaxPersister",
+        "Persister", "CheckpointError", "CheckpointVersionError", "DiskFullError", "atomic_write", "CheckpointManager",
+        "CHECKPOINT_FORMAT", "HEADER_KEYS", "fsync_dir", "is_disk_full", "disk_full_error", "crc_hex", "check_step",
+        "config_json", "config_load", "leaf_array", "is_stored_leaf", "restore_leaf", "leaf_bytes",
+        "state_class_name", "check_state_class", "remove_checkpoint",
+    ),
+    "researchlab.design.eqx_persist": (
+        "EquinoxPersister",
+    ),
+    "researchlab.design.orbax_persist": (
+        "OrbaxPersister",
     ),
     "researchlab.design.visualizer": (
         "as_frame", "VideoRecorder", "Visualizer",

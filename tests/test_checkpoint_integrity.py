@@ -22,14 +22,14 @@ from _configs import Cfg
 
 from researchlab.design.core import Clock, State
 from researchlab.design.data import NoBatch
+from researchlab.design.eqx_persist import EquinoxPersister
 from researchlab.design.loop import Loop
+from researchlab.design.orbax_persist import OrbaxPersister
 from researchlab.design.persist import (
     CheckpointError,
     CheckpointManager,
     CheckpointVersionError,
     DiskFullError,
-    EquinoxPersister,
-    OrbaxPersister,
 )
 
 MAGIC, END = b"RLABCKPT2\n", b"\nRLABEND\n"

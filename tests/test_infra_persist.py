@@ -18,7 +18,9 @@ from _configs import Cfg, Optim
 
 import researchlab
 from researchlab.design.core import Clock, Config, State
-from researchlab.design.persist import CheckpointManager, EquinoxPersister, OrbaxPersister
+from researchlab.design.eqx_persist import EquinoxPersister
+from researchlab.design.orbax_persist import OrbaxPersister
+from researchlab.design.persist import CheckpointManager
 
 
 class Layer(eqx.Module):

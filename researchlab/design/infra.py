@@ -9,8 +9,10 @@ __all__ = ['Batch', 'Scalar', 'DataProvider', 'ArrayDataProvider', 'NoBatch', 'T
 
 # %% ../../nbs/07_infra.ipynb #f12d80d4
 from .data import ArrayDataProvider, Batch, DataProvider, NoBatch
+from .eqx_persist import EquinoxPersister
 from .mlflow_telemetry import MLFlowTelemetry, upload_spool
-from .persist import CheckpointManager, EquinoxPersister, OrbaxPersister, Persister
+from .orbax_persist import OrbaxPersister
+from .persist import CheckpointManager, Persister
 from .telemetry import ConsoleTelemetry, MultiTelemetry, Scalar, Telemetry
 from .utils import fingerprint
 from .visualizer import Visualizer
