@@ -229,7 +229,7 @@ def restore_leaf(arr: np.ndarray,  # the stored array
         return arr if isinstance(like, np.ndarray) else arr[()]
     return type(like)(arr.item())
 
-# %% ../../nbs/06_persist.ipynb #35ea6697
+# %% ../../nbs/06_persist.ipynb #b37d0be8
 def leaf_bytes(leaf: object,  # a leaf of a State
                ) -> np.ndarray:  # a flat uint8 array
     "A leaf's bytes as a flat uint8 array (no copy when it is C-contiguous on the host)."
@@ -239,7 +239,7 @@ def leaf_bytes(leaf: object,  # a leaf of a State
     return arr.reshape(-1).view(np.uint8)
 
 
-# %% ../../nbs/06_persist.ipynb #4595fe74
+# %% ../../nbs/06_persist.ipynb #18537202
 def state_class_name(state: object,  # a State
                      ) -> str:  # like `"mypkg.train.Agent"`
     "The State's class as the header stores it: module and qualified name."
