@@ -18,7 +18,7 @@ HEAVY = {"mlflow", "git", "IPython", "matplotlib", "gymnax"}
 LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "researchlab.design.data",
                    "researchlab.design.telemetry", "researchlab.design.mlflow_rules",
                    "researchlab.design.mlflow_telemetry", "researchlab.design.persist", "researchlab.design.infra",
-                   "researchlab.design.visualizer", "researchlab.design.loop", "researchlab.design.widget",
+                   "researchlab.design.visualizer", "researchlab.design.step_checks", "researchlab.design.loop", "researchlab.design.widget",
                    "researchlab.tracking.utils", "researchlab.llm.types", "researchlab.llm.tokenizers",
                    "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate",
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.rl"]
