@@ -53,8 +53,12 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.design.visualizer": (
         "as_frame", "VideoRecorder", "Visualizer",
     ),
-    "researchlab.design.loop": (
-        "ClockAccessor", "Callback", "Loop",
+    "researchlab.design.step_checks": (
+        "ClockAccessor", "StateLayout", "check_output", "clock_getter", "find_clock", "split_state",
+        "PendingMetrics", "metric_records", "is_due", "Callback", "check_period", "check_num_steps",
+    ),
+    "researchlab.design.loop": (  # also re-exports ClockAccessor and Callback from design.step_checks
+        "Loop",
     ),
     "researchlab.design.widget": (
         "loop_widget",

@@ -17,9 +17,10 @@ HEAVY = {"mlflow", "git", "IPython", "matplotlib", "gymnax"}
 # the modules whose public names `researchlab` re-exports (their type variables S, C, T excepted)
 LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "researchlab.design.data",
                    "researchlab.design.telemetry", "researchlab.design.mlflow_rules",
-                   "researchlab.design.mlflow_telemetry", "researchlab.design.persist", "researchlab.design.eqx_persist",
-                   "researchlab.design.orbax_persist", "researchlab.design.infra",
-                   "researchlab.design.visualizer", "researchlab.design.loop", "researchlab.design.widget",
+                   "researchlab.design.mlflow_telemetry", "researchlab.design.persist",
+                   "researchlab.design.eqx_persist", "researchlab.design.orbax_persist", "researchlab.design.infra",
+                   "researchlab.design.visualizer", "researchlab.design.step_checks", "researchlab.design.loop",
+                   "researchlab.design.widget",
                    "researchlab.tracking.utils", "researchlab.llm.types", "researchlab.llm.tokenizers",
                    "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate",
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.rl"]

@@ -9,7 +9,6 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic
 
@@ -20,7 +19,21 @@ import numpy as np
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
-from .core import C, Clock, Config, S
+from researchlab.design.step_checks import (
+    Callback,
+    ClockAccessor,
+    PendingMetrics,
+    check_num_steps,
+    check_output,
+    check_period,
+    clock_getter,
+    find_clock,
+    is_due,
+    metric_records,
+    split_state,
+)
+
+from .core import C, Config, S
 from .data import DataProvider
 from .persist import CheckpointManager, Persister
 from .telemetry import MultiTelemetry, Telemetry
@@ -31,201 +44,10 @@ if TYPE_CHECKING:
     import ipywidgets
 
 # %% auto #0
-__all__ = ['ClockAccessor', 'Callback', 'Loop']
+__all__ = ['Loop', 'ClockAccessor', 'Callback']
 
-# %% ../../nbs/09_loop.ipynb #ae8cacf8
-_Spec = tuple[str, tuple[int, ...] | None, str]  # (leaf name, shape, dtype); shape None for a fixed non-array leaf
-_ARRAYLIKE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
-
-
-def _leaf_name(path: tuple) -> str:
-    return "state" + jax.tree_util.keystr(path)
-
-
-def _spec(path: tuple, x: object) -> _Spec:
-    if isinstance(x, _ARRAYLIKE):
-        return _leaf_name(path), tuple(jnp.shape(x)), str(jnp.result_type(x))
-    return _leaf_name(path), None, type(x).__name__
-
-
-@dataclass(frozen=True)
-class _Layout:
-    "The State's tree: its treedef, a spec per leaf, and the fixed non-array leaves (functions, strings)."
-    treedef: jax.tree_util.PyTreeDef
-    specs: tuple[_Spec, ...]
-    fixed: tuple[object, ...]  # the leaf at non-array positions, None at array positions
-    state_type: type
-
-    def state(self, arrays: Sequence[jax.Array]) -> object:
-        "Rebuild the State from its array leaves."
-        it = iter(arrays)
-        return jax.tree_util.tree_unflatten(self.treedef, [next(it) if s[1] is not None else f
-                                                           for s, f in zip(self.specs, self.fixed)])
-
-# %% ../../nbs/09_loop.ipynb #0d0957a0
-def _describe(x: object) -> str:
-    if isinstance(x, tuple):
-        return f"a tuple of {len(x)} ({', '.join(type(v).__name__ for v in x)})"
-    return f"a {type(x).__name__}"
-
-
-def _structure_change(layout: _Layout, new_state: object, new: list[_Spec]) -> str:
-    "Describe the first difference between the old and the new State trees."
-    if type(new_state) is not layout.state_type:
-        return f"it returned a {type(new_state).__name__} where the State is a {layout.state_type.__name__}"
-    old_names, new_names = [s[0] for s in layout.specs], [s[0] for s in new]
-    if missing := [n for n in old_names if n not in new_names]:
-        return f"leaf {missing[0]} is missing from the new State"
-    if extra := [n for n in new_names if n not in old_names]:
-        return f"the new State has an extra leaf {extra[0]}"
-    return "same leaves, but a static field or a container type changed"
-
-
-def _same(a: object, b: object) -> bool:
-    try:
-        return a is b or bool(a == b)
-    except Exception:
-        return False
-
-# %% ../../nbs/09_loop.ipynb #0574dac0
-def _check_metrics(metrics: object) -> dict[str, jax.Array]:
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"Loop: step_fn must return (new_state, metrics) with metrics a mapping name -> scalar; "
-                        f"the second element is {_describe(metrics)}")
-    checked: dict[str, jax.Array] = {}
-    for name, value in metrics.items():
-        if not isinstance(name, str) or name == "step":
-            raise TypeError(f"Loop: metric names must be strings other than 'step'; got {name!r}")
-        try:
-            value = jnp.asarray(value)
-        except TypeError:
-            raise TypeError(f"Loop: metric {name!r} is a {type(value).__name__}, not a number") from None
-        if value.shape != ():
-            raise ValueError(f"Loop: metric {name!r} has shape {value.shape}; metrics must be scalars "
-                             f"(reduce it, e.g. jnp.mean(...), or keep the array in the State)")
-        checked[name] = value
-    return checked
-
-# %% ../../nbs/09_loop.ipynb #b42f6d4a
-def _check_output(out: object, layout: _Layout) -> tuple[object, dict[str, jax.Array]]:
-    "Validate `step_fn`'s result at trace time; returns `(new_state, metrics as a dict of scalars)`."
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(f"Loop: step_fn must return a pair (new_state, metrics); it returned {_describe(out)}. "
-                        f"End the kernel with `return new_state, {{'loss': loss}}`.")
-    new_state, metrics = out
-    checked = _check_metrics(metrics)
-    path_leaves, new_treedef = jax.tree_util.tree_flatten_with_path(new_state)
-    new_specs = [_spec(p, x) for p, x in path_leaves]
-    if new_treedef != layout.treedef:
-        raise TypeError(f"Loop: step_fn changed the structure of the State: {_structure_change(layout, new_state, new_specs)}. "
-                        f"The new State must have the same fields as the old one.")
-    for (name, shape, dtype), (_, new_shape, new_dtype), fixed, (_, x) in zip(layout.specs, new_specs, layout.fixed,
-                                                                             path_leaves):
-        if shape is None and not _same(fixed, x):
-            raise TypeError(f"Loop: step_fn changed {name}, a non-array leaf ({str(fixed)[:40]!r} -> {str(x)[:40]!r}); "
-                            f"non-array leaves (functions, strings) stay fixed during a run")
-        if shape is not None and (shape, dtype) != (new_shape, new_dtype):
-            got = f"{new_dtype}{list(new_shape)}" if new_shape is not None else f"a {new_dtype}"
-            raise TypeError(f"Loop: step_fn changed {name} from {dtype}{list(shape)} to {got}; a State keeps its "
-                            f"shapes and dtypes (cast back with .astype({dtype}) or fix the kernel)")
-    return new_state, checked
-
-# %% ../../nbs/09_loop.ipynb #6a967dcc
-ClockAccessor = str | Callable[[S], Clock]
-
-
-def _clock_getter(clock: ClockAccessor) -> Callable[[object], Clock]:
-    if isinstance(clock, str):
-        return lambda s: getattr(s, clock)
-    if callable(clock):
-        return clock
-    raise TypeError(f"Loop: clock must be an attribute name or a function state -> Clock, got {type(clock).__name__}")
-
-
-def _find_clock(state: object, get: Callable[[object], Clock], spec: ClockAccessor) -> Clock:
-    "The State's Clock, or an error that says how to point the Loop at it."
-    try:
-        clock = get(state)
-    except (AttributeError, KeyError, IndexError, TypeError) as e:
-        raise AttributeError(f"Loop: cannot find the Clock of {type(state).__name__} with clock={spec!r} ({e}); "
-                             f"add a `clock: Clock` field or pass clock=lambda s: s.<path to the Clock>") from None
-    if not isinstance(clock, Clock):
-        raise TypeError(f"Loop: clock={spec!r} gives a {type(clock).__name__}, not a Clock; "
-                        f"pass clock=... naming the State field that holds the Clock")
-    return clock
-
-# %% ../../nbs/09_loop.ipynb #e7f1f535
-def _split_state(state: object, copy: bool = False) -> tuple[list[jax.Array], _Layout]:
-    "The array leaves of `state`, strongly typed (copied when `copy`), and its `_Layout`."
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    arrays, fixed, specs = [], [], []
-    for path, x in path_leaves:
-        if isinstance(x, _ARRAYLIKE):
-            x = jnp.asarray(x)
-            if copy:
-                x = jnp.array(x, dtype=x.dtype, copy=True)
-            elif getattr(x, "weak_type", False):
-                x = x.astype(x.dtype)
-            arrays.append(x)
-        fixed.append(None if isinstance(x, _ARRAYLIKE) else x)
-        specs.append(_spec(path, x))
-    return arrays, _Layout(treedef, tuple(specs), tuple(fixed), type(state))
-
-# %% ../../nbs/09_loop.ipynb #31cb4526
-@dataclass
-class _Pending:
-    "Metrics of one compiled call still on the device: steps `first..last`, stacked when `last > first`."
-    first: int
-    last: int
-    metrics: dict[str, jax.Array]
-
-
-def _records(pending: Sequence[_Pending], host: Sequence[dict[str, np.ndarray]], every: int) -> list[dict[str, float]]:
-    "Host metric records `{'step': s, name: value}` of the steps in `pending` that are multiples of `every`."
-    out = []
-    for p, values in zip(pending, host):
-        for i, step in enumerate(range(p.first, p.last + 1)):
-            if step % every == 0:
-                row = {k: (v if p.last == p.first else v[i]) for k, v in values.items()}
-                out.append({"step": step, **{k: np.asarray(v).item() for k, v in row.items()}})
-    return out
-
-# %% ../../nbs/09_loop.ipynb #9a863dfb
-def _due(every: int | None, s0: int, s1: int) -> bool:
-    return bool(every) and s1 // every > s0 // every
-
-
-@dataclass(frozen=True)
-class Callback:
-    "Call `fn(loop)` every `every` steps (after the step is kept; `fn` may call `loop.stop()`)."
-    every: int  # period in steps: due when the clock reaches a multiple of it
-    fn: Callable[..., object]  # called as fn(loop)
-
-    def __post_init__(self) -> None:
-        every = self.every
-        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-            kind = TypeError if isinstance(every, bool) or not isinstance(every, (int, np.integer)) else ValueError
-            raise kind(f"Callback: every must be a positive int (the period in steps), got {every!r} "
-                       f"({type(every).__name__}); e.g. Callback(10, fn) calls fn(loop) every 10 steps")
-        if not callable(self.fn):
-            raise TypeError(f"Callback: fn must be callable as fn(loop), got {type(self.fn).__name__} {self.fn!r}")
-        object.__setattr__(self, "every", int(every))
-
-
-def _period(name: str, value: int | None) -> int | None:
-    if value is None or value == 0:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"Loop: {name} must be a positive int (or None to switch it off), got {value!r}")
-    return int(value)
-
-
-def _num_steps(num_steps: object, where: str) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise TypeError(f"Loop.{where}: num_steps must be an int, got {type(num_steps).__name__} {num_steps!r}")
-    if num_steps < 0:
-        raise ValueError(f"Loop.{where}: num_steps must be >= 0, got {num_steps}")
-    return int(num_steps)
+# %% ../../nbs/09_loop.ipynb #fba9d396
+_all_ = ["ClockAccessor", "Callback"]  # defined in researchlab.design.step_checks, re-exported here
 
 # %% ../../nbs/09_loop.ipynb #335e37ed
 class Loop(Generic[S, C]):
@@ -258,11 +80,11 @@ class Loop(Generic[S, C]):
             raise TypeError(f"Loop: data_provider must have get_batch(state), got {type(data_provider).__name__}")
         self._config, self._step_fn, self.provider = config, step_fn, data_provider
         self.telemetry, self.visualizer = telemetry, visualizer
-        self.log_every, self.save_every = _period("log_every", log_every), _period("save_every", save_every)
-        self.render_every = _period("render_every", render_every)
+        self.log_every, self.save_every = check_period("log_every", log_every), check_period("save_every", save_every)
+        self.render_every = check_period("render_every", render_every)
         self.callbacks = [c if isinstance(c, Callback) else Callback(*c) for c in callbacks]
         for c in self.callbacks:
-            _period("Callback.every", c.every)
+            check_period("Callback.every", c.every)
         if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
             raise ValueError(f"Loop: steps_per_call must be an int >= 1, got {steps_per_call!r}")
         self.jittable = bool(getattr(data_provider, "jittable", False))
@@ -276,9 +98,9 @@ class Loop(Generic[S, C]):
         if save_every and checkpoint_dir is None:
             raise ValueError("Loop: save_every is set but there is no checkpoint_dir to save to")
         self.steps_per_call, self.donate, self.progress, self.log_config = steps_per_call, donate, progress, log_config
-        self._clock_spec, self._get_clock = clock, _clock_getter(clock)
-        step = int(_find_clock(initial_state, self._get_clock, clock).step)
-        leaves, self._layout = _split_state(initial_state, copy=donate)
+        self._clock_spec, self._get_clock = clock, clock_getter(clock)
+        step = int(find_clock(initial_state, self._get_clock, clock).step)
+        leaves, self._layout = split_state(initial_state, copy=donate)
         self.checkpoints = (CheckpointManager(checkpoint_dir, persister, keep=keep_checkpoints)
                             if checkpoint_dir is not None else None)  # after the checks: no folder on error
         self._cur: tuple[list[jax.Array], int] = (leaves, step)  # (leaves, clock step): swapped in one assignment
@@ -286,7 +108,7 @@ class Loop(Generic[S, C]):
         self._pdyn, self._pstatic = eqx.partition(data_provider, eqx.is_array)
         self._one = jax.jit(self._one_step, donate_argnums=0 if donate else ())
         self._many = jax.jit(self._scan_steps, donate_argnums=0 if donate else ())
-        self._pending: list[_Pending] = []
+        self._pending: list[PendingMetrics] = []
         self.history: list[dict[str, float]] = []
         self._saved_step: int | None = None
         if self.checkpoints is not None and (found := self.checkpoints.checkpoints()):
@@ -343,7 +165,7 @@ def _one_step(self: Loop, leaves: list[jax.Array], pdyn: object,
     state = self._layout.state(leaves)
     if self.jittable:
         batch = eqx.combine(pdyn, self._pstatic).get_batch(state)
-    new_state, metrics = _check_output(self._step_fn(state, self._config, batch), self._layout)
+    new_state, metrics = check_output(self._step_fn(state, self._config, batch), self._layout)
     step = self._get_clock(state).step + jnp.asarray(1, jnp.int32)
     new_state = eqx.tree_at(lambda s: self._get_clock(s).step, new_state, step)
     arrays = [x for x, spec in zip(jax.tree_util.tree_leaves(new_state), self._layout.specs) if spec[1] is not None]
@@ -367,20 +189,20 @@ def _advance(self: Loop, k: int) -> dict[str, jax.Array]:
         new_leaves, metrics = self._one(leaves, self._pdyn, self.provider.get_batch(self.state))
     s1 = s0 + k
     self._cur = (new_leaves, s1)
-    if _due(self.log_every, s0, s1):
-        self._queue(_Pending(s0 + 1, s1, metrics))
+    if is_due(self.log_every, s0, s1):
+        self._queue(PendingMetrics(s0 + 1, s1, metrics))
     for cb in self.callbacks:
-        if _due(cb.every, s0, s1):
+        if is_due(cb.every, s0, s1):
             cb.fn(self)
-    if _due(self.render_every, s0, s1):
+    if is_due(self.render_every, s0, s1):
         self.visualizer.render(self.state)
-    if _due(self.save_every, s0, s1):
+    if is_due(self.save_every, s0, s1):
         self.save()
     return metrics
 
 # %% ../../nbs/09_loop.ipynb #1ab13bb6
 @patch
-def _queue(self: Loop, pending: _Pending) -> None:
+def _queue(self: Loop, pending: PendingMetrics) -> None:
     for v in pending.metrics.values():
         v.copy_to_host_async()
     self._pending.append(pending)
@@ -395,7 +217,7 @@ def _fetch(self: Loop, keep_last: bool = False) -> list[dict[str, float]]:
     if n <= 0:
         return []
     pending, self._pending = self._pending[:n], self._pending[n:]
-    records = _records(pending, jax.device_get([p.metrics for p in pending]), self.log_every)
+    records = metric_records(pending, jax.device_get([p.metrics for p in pending]), self.log_every)
     self.history.extend(records)
     if self.telemetry is not None:
         for r in records:
@@ -516,7 +338,7 @@ def run(self: Loop,
         num_steps: int,  # steps to run, continuing from the current State
         ) -> S:  # the State after the last step done
     "Run `num_steps` steps (continuing from the current State) and return the final State."
-    num_steps = _num_steps(num_steps, "run")
+    num_steps = check_num_steps(num_steps, "run")
     self._start("run")
     failed = True
     with self._signals_stop():  # also around _finish: a signal during the final checkpoint does not kill it
@@ -569,7 +391,7 @@ def steps(self: Loop,
           num_steps: int,  # at most this many steps; stop early by breaking out of the loop
           ) -> Iterator[dict[str, jax.Array]]:  # each step's metrics, still on the device
     "Yield the metrics (device scalars) of each of `num_steps` steps; breaking out keeps the State."
-    num_steps = _num_steps(num_steps, "steps")
+    num_steps = check_num_steps(num_steps, "steps")
     self._start("steps")
     try:
         for _ in range(num_steps):
