@@ -205,7 +205,7 @@ def _params_of(sym: object) -> tuple[dict[str, AttrDict], AttrDict | None]:
         return {name: AttrDict(anno=sym.__annotations__.get(name, empty), kind=Parameter.POSITIONAL_OR_KEYWORD,
                                docment=docs.get(name), default=defaults.get(name, empty))
                 for name in sym._fields}, None
-    target = sym
+    target = inspect.unwrap(sym) if callable(sym) and not isinstance(sym, type) else sym  # e.g. under jax.jit
     if isinstance(sym, type) and dataclasses.is_dataclass(sym) and "__init__" in vars(sym):
         try:  # a dataclass (an equinox Module) with a hand-written __init__: its parameters are the __init__'s
             inspect.getsource(sym.__init__)

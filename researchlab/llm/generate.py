@@ -186,12 +186,24 @@ def completion_logprobs(
 @runtime_checkable
 class Generator(Protocol):
     "Token-in / token-out sampling backend."
-    def generate(self, model: Llama, prompt_ids_B_P: jax.Array, prompt_mask_B_P: jax.Array,
-                 config: GenerationConfig, key: jax.Array) -> Generation: ...  # sample completions
-    def logprobs(self, model: Llama, prompt_ids_B_P: jax.Array, prompt_mask_B_P: jax.Array,
-                 completion_ids_B_T: jax.Array, completion_mask_B_T: jax.Array,
-                 temperature: float = 1.0) -> jax.Array: ...  # teacher-forced log-probabilities
-    def update_weights(self, model: Llama) -> None: ...  # the policy changed
+    def generate(self,
+                 model: Llama,  # the policy
+                 prompt_ids_B_P: jax.Array,  # left-padded prompts
+                 prompt_mask_B_P: jax.Array,  # 1 on real prompt tokens
+                 config: GenerationConfig,  # sampling settings
+                 key: jax.Array,  # PRNG key
+                 ) -> Generation: ...  # sampled completions
+    def logprobs(self,
+                 model: Llama,  # the policy
+                 prompt_ids_B_P: jax.Array,  # left-padded prompts
+                 prompt_mask_B_P: jax.Array,  # 1 on real prompt tokens
+                 completion_ids_B_T: jax.Array,  # completion tokens
+                 completion_mask_B_T: jax.Array,  # 1 on real completion tokens
+                 temperature: float = 1.0,  # the sampler's temperature
+                 ) -> jax.Array: ...  # teacher-forced log-probabilities
+    def update_weights(self,
+                       model: Llama,  # the new policy
+                       ) -> None: ...  # the policy changed
 
 
 @dataclass(frozen=True)
@@ -199,18 +211,31 @@ class KVCacheGenerator:
     "The default backend: `kv_generate` and `completion_logprobs` in this process."
     pad_id: int = 0  # id written after a row stops
 
-    def generate(self, model: Llama, prompt_ids_B_P: jax.Array, prompt_mask_B_P: jax.Array,
-                 config: GenerationConfig, key: jax.Array) -> Generation:
+    def generate(self,
+                 model: Llama,  # the policy
+                 prompt_ids_B_P: jax.Array,  # left-padded prompts
+                 prompt_mask_B_P: jax.Array,  # 1 on real prompt tokens
+                 config: GenerationConfig,  # sampling settings
+                 key: jax.Array,  # PRNG key
+                 ) -> Generation:
         "Sample with the KV-cache sampler."
         return kv_generate(model, prompt_ids_B_P, prompt_mask_B_P, config, key, self.pad_id)
 
-    def logprobs(self, model: Llama, prompt_ids_B_P: jax.Array, prompt_mask_B_P: jax.Array,
-                 completion_ids_B_T: jax.Array, completion_mask_B_T: jax.Array, temperature: float = 1.0) -> jax.Array:
+    def logprobs(self,
+                 model: Llama,  # the policy
+                 prompt_ids_B_P: jax.Array,  # left-padded prompts
+                 prompt_mask_B_P: jax.Array,  # 1 on real prompt tokens
+                 completion_ids_B_T: jax.Array,  # completion tokens
+                 completion_mask_B_T: jax.Array,  # 1 on real completion tokens
+                 temperature: float = 1.0,  # the sampler's temperature
+                 ) -> jax.Array:
         "Teacher-forced log-probabilities."
         return completion_logprobs(model, prompt_ids_B_P, prompt_mask_B_P, completion_ids_B_T, completion_mask_B_T,
                                    temperature)
 
-    def update_weights(self, model: Llama) -> None:
+    def update_weights(self,
+                       model: Llama,  # the new policy
+                       ) -> None:
         "Nothing to do: the weights are an argument of every call."
 
 
@@ -245,7 +270,9 @@ class OpenAICompatibleGenerator:
         "Not implemented: raises, saying what a server backend must do."
         raise self._missing("logprobs")
 
-    def update_weights(self, model: Llama) -> None:  # the new policy
+    def update_weights(self,
+                       model: Llama,  # the new policy
+                       ) -> None:
         "Not implemented: raises, saying what a server backend must do."
         raise self._missing("update_weights")
 

@@ -30,8 +30,12 @@ class Tokenizer(Protocol):
     def eos_id(self) -> int: ...  # end of a turn / sequence: the usual stop token
     @property
     def pad_id(self) -> int: ...  # filler for padded batches (may equal eos_id)
-    def encode(self, text: str) -> list[int]: ...  # ids of `text`; special-token strings map to their ids
-    def decode(self, ids: Sequence[int]) -> str: ...  # text of `ids`, special tokens written out
+    def encode(self,
+               text: str,  # the text; special-token strings in it map to their ids
+               ) -> list[int]: ...  # ids of `text`
+    def decode(self,
+               ids: Sequence[int],  # token ids
+               ) -> str: ...  # text of `ids`, special tokens written out
 
 # %% ../../nbs/41_llm_tokenizers.ipynb #3cb5abfc
 @dataclass(frozen=True)
@@ -47,15 +51,21 @@ class HFTokenizer:
         "Number of ids, added tokens included."
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:  # text to encode
+    def encode(self,
+               text: str,  # text to encode
+               ) -> list[int]:
         "Token ids of `text` (no special tokens added)."
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: Sequence[int]) -> str:  # token ids
+    def decode(self,
+               ids: Sequence[int],  # token ids
+               ) -> str:
         "Text of `ids`, special tokens included."
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def token_to_id(self, token: str) -> int:  # a token's string, e.g. "<|im_end|>"
+    def token_to_id(self,
+                    token: str,  # a token's string, e.g. "<|im_end|>"
+                    ) -> int:
         "The id of one token; `KeyError` naming it when the vocabulary lacks it."
         i = self.tokenizer.token_to_id(token)
         if i is None:
