@@ -43,8 +43,8 @@ def _best(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def _transformers_model(model: Llama):
-    "transformers' LlamaForCausalLM holding the same weights (rotate-half layout, tied embeddings)."
+def transformers_reference(model: Llama):  # our decoder, e.g. SmolLM2 from `load_model`
+    "transformers' LlamaForCausalLM holding the same weights (rotate-half layout, tied embeddings); the bench's peer and the tests' reference."
     import torch
     import transformers
 
@@ -111,7 +111,7 @@ def main() -> int:
     except ImportError as e:
         print(f"transformers row skipped: {e} (pip install torch==2.13.0 transformers)")
     else:
-        ref = _transformers_model(model)
+        ref = transformers_reference(model)
         torch.manual_seed(0)
         tids, tmask = torch.from_numpy(np.asarray(ids, np.int64)), torch.from_numpy(np.asarray(mask, np.int64))
         run = lambda: ref.generate(input_ids=tids, attention_mask=tmask, do_sample=True, temperature=1.0, top_k=0,

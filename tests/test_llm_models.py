@@ -6,6 +6,7 @@ installed)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import gguf
@@ -121,28 +122,12 @@ def test_smollm2_greedy_reply_equals_the_reference_tokens(smollm2: tuple) -> Non
 @pytest.mark.llm
 def test_smollm2_matches_transformers_llama(smollm2: tuple) -> None:
     torch = pytest.importorskip("torch", reason="the transformers reference needs torch (pip install torch==2.13.0)")
-    transformers = pytest.importorskip("transformers", reason="the reference is transformers' LlamaForCausalLM")
+    pytest.importorskip("transformers", reason="the reference is transformers' LlamaForCausalLM")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the one builder, shared with bench/bench_llm.py
+    from bench.bench_llm import transformers_reference
+
     model, tok = smollm2
-    c, L = model.config, model.layers
-    hc = transformers.LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
-        rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps, tie_word_embeddings=True, hidden_act="silu")
-    ref = transformers.LlamaForCausalLM(hc).eval()
-    t = lambda a: torch.from_numpy(np.array(a))
-    sd = {"model.embed_tokens.weight": t(model.embed_V_D), "model.norm.weight": t(model.norm_D),
-          "lm_head.weight": t(model.embed_V_D)}
-    names = {"self_attn.q_proj": L.wq_L_D_HE, "self_attn.k_proj": L.wk_L_D_KE, "self_attn.v_proj": L.wv_L_D_KE,
-             "self_attn.o_proj": L.wo_L_HE_D, "mlp.gate_proj": L.w_gate_L_D_F, "mlp.up_proj": L.w_up_L_D_F,
-             "mlp.down_proj": L.w_down_L_F_D}
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = t(L.attn_norm_L_D[i])
-        sd[p + "post_attention_layernorm.weight"] = t(L.mlp_norm_L_D[i])
-        for n, a in names.items():
-            sd[p + n + ".weight"] = t(np.asarray(a[i]).T)
-    result = ref.load_state_dict(sd, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    ref = transformers_reference(model)  # load_state_dict(strict=True): every weight named, none left over
     ids = _ref_prompt(tok)
     with torch.no_grad():
         ref_logits = ref(torch.tensor([ids])).logits[0].numpy()
