@@ -120,6 +120,29 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "Generator", "KVCacheGenerator", "RecomputeGenerator", "OpenAICompatibleGenerator", "decode_completions",
         "batch_generate", "generate",
     ),
+    # researchlab.llm, part 2: tools, rollouts as data, environments, rewards over rollouts
+    "researchlab.llm.tools": (
+        "TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "TOOL_ERRORS", "ToolTable", "ToolCallError", "extract_tool_calls",
+        "tool_schema", "ToolResult", "tool_message", "tool_table", "execute_tools", "ToolStats", "track_tool_calls",
+        "execute_and_track_tools", "tool_metrics",
+    ),
+    "researchlab.llm.rollouts": (
+        "STOP_REASONS", "AdvantageFn", "Rollout", "RolloutGroup", "Renderer", "stop_tokens", "render_prompt",
+        "render_observation", "Policy", "Observation", "StepResult", "Env", "EnvGroupBuilder", "run_sync", "run_envs",
+        "decode_action", "as_conversation", "SingleTurnEnv", "as_rewards_K", "score_rollouts", "rollout_logprobs",
+        "finish_rollouts", "create_rollout", "create_batch_rollouts", "RolloutBatch", "batch_from_rollouts",
+    ),
+    "researchlab.llm.envs": (
+        "StopCondition", "ToolParser", "ToolExecutor", "TurnRewardFn", "ToolEnv", "EnvGroup", "rollout_groups",
+        "create_multiturn_rollout", "ScriptedGenerator",
+    ),
+    "researchlab.llm.rewards": (
+        "RewardFn", "BatchRewardFn", "compute_vector_reward", "compute_scalar_reward", "compute_batch_rewards",
+        "combine_rewards", "final_text", "last_number", "exact_match_reward", "numeric_match_reward", "format_reward",
+        "tool_use_reward", "length_reward", "Scorer", "RewardModel", "reward_model_from", "init_reward_model",
+        "reward_model_scores", "bradley_terry_loss", "save_reward_model", "load_reward_model",
+        "compute_reward_model_score",
+    ),
 }
 _LAZY: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBPACKAGES = ("design", "tracking", "rl", "llm", "examples")

@@ -23,7 +23,9 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.design.widget",
                    "researchlab.tracking.utils", "researchlab.llm.types", "researchlab.llm.tokenizers",
                    "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate",
-                   "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.rl"]
+                   "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.rl",
+                   "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
+                   "researchlab.llm.rewards"]
 TYPEVARS = {"S", "C", "T"}
 
 

@@ -6,3 +6,7 @@ Written by hand (nbdev leaves it alone). The modules are imported by name
 `types`, `tokenizers`, `chat`, `models` and `generate` imports its own dependencies (JAX, `tokenizers`,
 `gguf`, `jinja2`) only when it is imported.
 """
+
+# Part 2, post-training around the model (one module each, imported by name like the above): `tools` (tool calls
+# read, run with timeouts, counted), `rollouts` (Rollout data, the async Env protocol, batched sampling of envs),
+# `envs` (multi-turn tool use), `rewards` (reward functions over rollouts, reward models).
