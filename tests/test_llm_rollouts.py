@@ -308,7 +308,7 @@ def test_smollm2_multiturn_tool_rollout_is_token_exact() -> None:
     renderer = Renderer(stok, HERMES_TEMPLATE)
     prompt = Conversation((Message("system", "Use the add tool for arithmetic."), Message("user", QUESTION)))
     script = ScriptedGenerator(stok, [[CALL, ANSWER]], pad_id=stok.pad_id)
-    r = create_multiturn_rollout(Policy(smol, script), renderer, prompt, GenerationConfig(max_new_tokens=32),
+    r = create_multiturn_rollout(Policy(smol, script), renderer, prompt, GenerationConfig(max_new_tokens=64),
                                  jax.random.key(0), tools=[add])
     p = render_prompt(renderer, prompt._replace(tools=(tool_schema(add),)))
     assert r.tokens_T.tolist() == p + stok.encode(CALL) + stok.encode(SUFFIX.format(5)) + stok.encode(ANSWER)
