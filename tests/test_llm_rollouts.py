@@ -304,17 +304,23 @@ def test_smollm2_multiturn_tool_rollout_is_token_exact() -> None:
         smollm2_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    smol, stok = load_model("smollm2"), load_tokenizer("smollm2")
+    stok = load_tokenizer("smollm2")
     renderer = Renderer(stok, HERMES_TEMPLATE)
     prompt = Conversation((Message("system", "Use the add tool for arithmetic."), Message("user", QUESTION)))
-    script = ScriptedGenerator(stok, [[CALL, ANSWER]], pad_id=stok.pad_id)
-    r = create_multiturn_rollout(Policy(smol, script), renderer, prompt, GenerationConfig(max_new_tokens=64),
-                                 jax.random.key(0), tools=[add])
     p = render_prompt(renderer, prompt._replace(tools=(tool_schema(add),)))
+    # the real tokenizer and template, scripted turns scored by a small random decoder of SmolLM2's vocabulary
+    small = init_llama(ModelConfig(vocab_size=stok.vocab_size, dim=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                                   hidden_dim=64, max_seq_len=1024), key=jax.random.key(0))
+    script = ScriptedGenerator(stok, [[CALL, ANSWER]], pad_id=stok.pad_id)
+    r = create_multiturn_rollout(Policy(small, script), renderer, prompt, GenerationConfig(max_new_tokens=64),
+                                 jax.random.key(0), tools=[add])
     assert r.tokens_T.tolist() == p + stok.encode(CALL) + stok.encode(SUFFIX.format(5)) + stok.encode(ANSWER)
+    assert r.stop_reason == "completed" and r.tool_results[0].content == "5"
+    # the real model sampling: whatever it writes, the rollout starts with the prompt and its log-probabilities
+    # are the ones teacher forcing computes over the whole token sequence
+    smol = load_model("smollm2")
     sampled = create_multiturn_rollout(Policy(smol, KVCacheGenerator(stok.pad_id)), renderer, prompt,
-                                       GenerationConfig(max_new_tokens=24, temperature=0.0), jax.random.key(0),
-                                       tools=[add], max_turns=2)
-    assert sampled.tokens_T[:len(p)].tolist() == p and sampled.stop_reason in ("completed", "length", "max_turns",
-                                                                                 "parse_error", "context_overflow")
+                                       GenerationConfig(max_new_tokens=16, temperature=0.0), jax.random.key(0),
+                                       tools=[add], max_turns=2, on_parse_error="observe")
+    assert sampled.tokens_T[:len(p)].tolist() == p and sampled.loss_mask_T[:len(p)].sum() == 0
     np.testing.assert_allclose(rollout_logprobs([sampled], smol)[0], sampled.logprobs_T, atol=2e-3, rtol=0)
