@@ -84,7 +84,8 @@ def tiny_llama(
 ) -> Llama:
     "A small randomly initialised `Llama` for training from scratch: full multi-head attention, untied head."
     return init_llama(ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
-                                  hidden_dim=4 * dim, max_seq_len=max_seq_len), key=key)
+                                  hidden_dim=4 * dim, max_seq_len=max_seq_len, tie_embeddings=False),
+                      key=key)
 
 # %% ../../nbs/43_llm_models.ipynb #a84746c4
 def rms_norm(
