@@ -88,7 +88,7 @@ def test_gradients_reach_only_the_adapters_and_training_leaves_the_base_unchange
         return -jnp.mean(jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1))
 
     # the gradient tree has slots for A and B only; all base weights are None there
-    grads = jax.grad(nll)(adapters)
+    grads = jax.jit(jax.grad(nll))(adapters)
     assert jax.tree.structure(grads) == jax.tree.structure(adapters)
     assert grads.embed_V_D is None and grads.norm_D is None and grads.layers.attn_norm_L_D is None
     assert all(g.w_I_O is None for g in _adapters(grads))
@@ -104,7 +104,7 @@ def test_gradients_reach_only_the_adapters_and_training_leaves_the_base_unchange
         loss, updates, state = step(adapters, state)
         adapters = optax.apply_updates(adapters, updates)
         first = float(loss) if first is None else first
-    assert float(nll(adapters)) < first - 0.3
+    assert float(jax.jit(nll)(adapters)) < first - 0.3
     trained = eqx.combine(adapters, frozen)
     before = jax.tree.leaves(eqx.filter(lm, lora_filter(lm), inverse=True))
     after = jax.tree.leaves(eqx.filter(trained, lora_filter(trained), inverse=True))
@@ -122,15 +122,13 @@ def test_the_adapted_model_samples_as_its_merged_model() -> None:
     merged = lora_merge(lm)
     ids, mask = left_pad([[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]], pad_id=0)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-    np.testing.assert_allclose(np.asarray(sequence_logits(lm, ids, mask)), np.asarray(sequence_logits(merged, ids, mask)),
-                               atol=1e-4, rtol=0)
-    for cfg in (GenerationConfig(max_new_tokens=8, temperature=0.0), GenerationConfig(max_new_tokens=8, top_k=8)):
-        a = KVCacheGenerator().generate(lm, ids, mask, cfg, jax.random.key(3))
-        b = kv_generate(merged, ids, mask, cfg, jax.random.key(3))
-        np.testing.assert_array_equal(np.asarray(a.completion_ids_B_T), np.asarray(b.completion_ids_B_T))
-        np.testing.assert_allclose(np.asarray(a.logprobs_B_T), np.asarray(b.logprobs_B_T), atol=1e-4, rtol=0)
-        teacher = completion_logprobs(lm, ids, mask, a.completion_ids_B_T, a.mask_B_T, cfg.temperature)
-        np.testing.assert_allclose(np.asarray(teacher), np.asarray(a.logprobs_B_T), atol=1e-4, rtol=0)
+    cfg = GenerationConfig(max_new_tokens=6, temperature=1.0)
+    a = KVCacheGenerator().generate(lm, ids, mask, cfg, jax.random.key(3))  # the default backend, as batch_generate uses it
+    b = kv_generate(merged, ids, mask, cfg, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(a.completion_ids_B_T), np.asarray(b.completion_ids_B_T))
+    np.testing.assert_allclose(np.asarray(a.logprobs_B_T), np.asarray(b.logprobs_B_T), atol=1e-4, rtol=0)
+    teacher = completion_logprobs(lm, ids, mask, a.completion_ids_B_T, a.mask_B_T, cfg.temperature)
+    np.testing.assert_allclose(np.asarray(teacher), np.asarray(a.logprobs_B_T), atol=1e-4, rtol=0)
 
 
 def test_bad_specs_name_the_culprit() -> None:
