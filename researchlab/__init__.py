@@ -97,7 +97,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "create_algorithm_config", "compute_loss_by_algorithm", "compute_advantages_by_algorithm",
         "AlgorithmSchedule",
     ),
-    # researchlab.llm: chat types, tokenizers, chat templates, the Llama decoder, sampling
+    # researchlab.llm: chat types, tokenizers, chat templates, the Llama decoder, sampling, LoRA
     "researchlab.llm.types": (
         "ROLES", "Role", "FINISH_REASONS", "ToolCall", "Message", "Conversation", "check_conversation",
         "GenerationConfig", "Generation", "finish_reasons", "ModelConfig",
@@ -112,13 +112,16 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "parse_tool_calls", "check_prefix_preserving",
     ),
     "researchlab.llm.models": (
-        "LlamaLayers", "Llama", "init_llama", "rms_norm", "apply_rope", "grouped_query_attention", "KVCache",
+        "LlamaLayers", "Llama", "init_llama", "tiny_llama", "rms_norm", "apply_rope", "grouped_query_attention", "KVCache",
         "init_cache", "llama_forward", "sequence_logits", "llama_from_gguf", "load_model",
     ),
     "researchlab.llm.generate": (
-        "left_pad", "filter_logits", "sample_token", "kv_generate", "recompute_generate", "completion_logprobs",
+        "left_pad", "filter_logits", "restrict_logits", "sample_token", "kv_generate", "recompute_generate", "completion_logprobs",
         "Generator", "KVCacheGenerator", "RecomputeGenerator", "OpenAICompatibleGenerator", "decode_completions",
-        "batch_generate", "generate",
+        "batch_generate", "generate", "Completion", "to_completions", "generate_with_logprobs",
+    ),
+    "researchlab.llm.lora": (
+        "LoraConfig", "LoraWeight", "linear_weight_paths", "lora_init", "lora_merge", "lora_filter", "lora_partition",
     ),
     # researchlab.llm, part 2: tools, rollouts as data, environments, rewards over rollouts
     "researchlab.llm.tools": (

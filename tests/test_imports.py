@@ -22,7 +22,7 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.design.visualizer", "researchlab.design.step_checks", "researchlab.design.loop",
                    "researchlab.design.widget",
                    "researchlab.tracking.utils", "researchlab.llm.types", "researchlab.llm.tokenizers",
-                   "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate",
+                   "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate", "researchlab.llm.lora",
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.rl",
                    "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
                    "researchlab.llm.rewards"]

@@ -11,14 +11,19 @@ import numpy as np
 import pytest
 
 from researchlab.llm.generate import (
+    Completion,
     KVCacheGenerator,
+    OpenAICompatibleGenerator,
     RecomputeGenerator,
     batch_generate,
     completion_logprobs,
     decode_completions,
+    generate,
+    generate_with_logprobs,
     kv_generate,
     left_pad,
     recompute_generate,
+    to_completions,
 )
 from researchlab.llm.models import init_llama
 from researchlab.llm.tokenizers import train_bpe
@@ -150,3 +155,60 @@ def test_batch_generate_on_a_trained_tokenizer_and_the_backends_agree() -> None:
     np.testing.assert_allclose(np.asarray(lp), np.asarray(a.logprobs_B_T), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match=r"messages\[0\]\.role is 'human'"):
         batch_generate(model, tok, [Conversation((Message("human", "hi"),))], cfg, jax.random.key(0))
+
+
+def test_allowed_tokens_restrict_the_policy_in_sampling_and_teacher_forcing() -> None:
+    model = _model(2)
+    ids, mask = _prompts([5, 2, 7], 64, seed=4)
+    allowed = (3, 5, 8, 13, 21, 34)
+    for cfg in (GenerationConfig(max_new_tokens=8, temperature=1.0, allowed_token_ids=allowed, stop_token_ids=(21,)),
+                GenerationConfig(max_new_tokens=8, temperature=0.0, allowed_token_ids=allowed)):
+        fast = kv_generate(model, ids, mask, cfg, jax.random.key(3), pad_id=0)  # pad 0 is not allowed: masked
+        slow = recompute_generate(model, ids, mask, cfg, jax.random.key(3), pad_id=0)
+        toks, m = np.asarray(fast.completion_ids_B_T), np.asarray(fast.mask_B_T)
+        assert set(toks[m > 0].tolist()) <= set(allowed)
+        np.testing.assert_array_equal(toks, np.asarray(slow.completion_ids_B_T))
+        np.testing.assert_allclose(np.asarray(fast.logprobs_B_T), np.asarray(slow.logprobs_B_T), atol=ATOL, rtol=0)
+        teacher = completion_logprobs(model, ids, mask, fast.completion_ids_B_T, fast.mask_B_T, cfg.temperature,
+                                      allowed_token_ids=allowed)
+        assert np.isfinite(np.asarray(teacher)).all()  # a masked, disallowed pad token contributes 0, not nan
+        np.testing.assert_allclose(np.asarray(teacher), np.asarray(fast.logprobs_B_T), atol=ATOL, rtol=0)
+    # the restriction renormalises: the allowed tokens' probabilities sum to 1 at every step
+    unrestricted = completion_logprobs(model, ids, mask, fast.completion_ids_B_T, fast.mask_B_T, 1.0)
+    assert np.all(np.asarray(unrestricted)[m > 0] < np.asarray(teacher)[m > 0])
+    with pytest.raises(ValueError, match="allowed_token_ids holds 64, but the vocabulary has 64 tokens"):
+        kv_generate(model, ids, mask, GenerationConfig(max_new_tokens=2, allowed_token_ids=(1, 64)), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"allowed_token_ids holds negative token ids \[-3\]"):
+        GenerationConfig(allowed_token_ids=(-3,))
+
+
+def test_generate_with_logprobs_and_generator_swaps_the_backend_everywhere() -> None:
+    tok = train_bpe([f"<|im_start|>user\nadd {a} and {b}<|im_end|>\n<|im_start|>assistant\n{a + b}<|im_end|>\n"
+                     for a in range(20) for b in range(20)], 300)
+    model = _model(2, vocab=tok.vocab_size, max_seq_len=64)
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.8, top_k=20)
+    conv = Conversation((Message("user", "add 3 and 4"),))
+    key = jax.random.key(1)
+    done = generate_with_logprobs(model, tok, conv, cfg, key)
+    gen = batch_generate(model, tok, [conv], cfg, key)
+    assert isinstance(done, Completion) and done.text == decode_completions(tok, gen)[0]
+    rows = to_completions(tok, gen)
+    assert len(rows) == 1 and rows[0].token_ids_T.tolist() == done.token_ids_T.tolist()
+    n = int(np.asarray(gen.mask_B_T).sum())
+    assert done.token_ids_T.tolist() == np.asarray(gen.completion_ids_B_T)[0, :n].tolist()
+    np.testing.assert_array_equal(done.logprobs_T, np.asarray(gen.logprobs_B_T)[0, :n])
+    assert done.finish_reason == finish_reasons(gen)[0] and done.text == generate(model, tok, conv, cfg, key)
+    as_str = generate_with_logprobs(model, tok, "add 3 and 4", cfg, key)  # a str is one user message
+    assert as_str.token_ids_T.tolist() == done.token_ids_T.tolist() and as_str.text == done.text
+    # the recompute oracle as the backend gives the same completion; a server stub is reached by every function
+    oracle = RecomputeGenerator(tok.pad_id)
+    other = generate_with_logprobs(model, tok, conv, cfg, key, generator=oracle)
+    assert other.token_ids_T.tolist() == done.token_ids_T.tolist()
+    np.testing.assert_allclose(other.logprobs_T, done.logprobs_T, atol=ATOL, rtol=0)
+    assert generate(model, tok, conv, cfg, key, generator=oracle) == done.text
+    server = OpenAICompatibleGenerator("http://127.0.0.1:8000/v1")
+    for call in (lambda: generate(model, tok, conv, cfg, key, generator=server),
+                 lambda: generate_with_logprobs(model, tok, conv, cfg, key, generator=server),
+                 lambda: batch_generate(model, tok, [conv], cfg, key, generator=server)):
+        with pytest.raises(NotImplementedError, match="OpenAICompatibleGenerator.generate: the server backend"):
+            call()

@@ -136,3 +136,17 @@ def test_smollm2_matches_transformers_llama(smollm2: tuple) -> None:
     ours = np.asarray(jax.jit(sequence_logits)(model, jnp.asarray([ids]))[0])
     np.testing.assert_allclose(ours, ref_logits, atol=LOGIT_ATOL, rtol=0)
     assert ref_greedy == REF_TOKENS[:8]
+
+
+@pytest.mark.llm
+def test_smollm2_with_fresh_lora_adapters_answers_with_the_reference_tokens(smollm2: tuple) -> None:
+    from researchlab.llm.lora import LoraConfig, lora_init, lora_merge
+
+    model, tok = smollm2
+    adapted = lora_init(model, LoraConfig(rank=8, targets=("wq", "wv", "w_down")), key=jax.random.key(0))
+    ids = jnp.asarray([_ref_prompt(tok)])
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.0, stop_token_ids=(tok.eos_id,))
+    gen = kv_generate(adapted, ids, jnp.ones(ids.shape), cfg, jax.random.key(0), tok.pad_id)
+    assert gen.completion_ids_B_T[0].tolist() == REF_TOKENS[:6]  # B = 0: the base model's greedy reply
+    merged = lora_merge(adapted)
+    np.testing.assert_array_equal(np.asarray(merged.layers.wq_L_D_HE), np.asarray(model.layers.wq_L_D_HE))

@@ -1,9 +1,9 @@
 """LLM post-training in pure JAX: chat types, tokenizers, chat templates with loss masks, a Llama-family
-decoder that loads SmolLM2 from GGUF, and a jittable KV-cache sampler.
+decoder that loads SmolLM2 from GGUF, a jittable KV-cache sampler, and LoRA adapters as a PyTree transform.
 
 Written by hand (nbdev leaves it alone). The modules are imported by name
 (`from researchlab.llm.types import Message`), so `import researchlab.llm` itself costs nothing: each of
-`types`, `tokenizers`, `chat`, `models` and `generate` imports its own dependencies (JAX, `tokenizers`,
+`types`, `tokenizers`, `chat`, `models`, `generate` and `lora` imports its own dependencies (JAX, `tokenizers`,
 `gguf`, `jinja2`) only when it is imported.
 """
 

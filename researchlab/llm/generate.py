@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +17,12 @@ import numpy as np
 from .chat import CHATML_TEMPLATE, apply_chat_template
 from .models import Llama, init_cache, llama_forward, sequence_logits
 from .tokenizers import Tokenizer
-from .types import Conversation, Generation, GenerationConfig, Message
+from .types import Conversation, Generation, GenerationConfig, Message, finish_reasons
 
 # %% auto #0
-__all__ = ['left_pad', 'filter_logits', 'sample_token', 'kv_generate', 'recompute_generate', 'completion_logprobs', 'Generator',
-           'KVCacheGenerator', 'RecomputeGenerator', 'OpenAICompatibleGenerator', 'decode_completions',
-           'batch_generate', 'generate']
+__all__ = ['left_pad', 'filter_logits', 'restrict_logits', 'sample_token', 'kv_generate', 'recompute_generate',
+           'completion_logprobs', 'Generator', 'KVCacheGenerator', 'RecomputeGenerator', 'OpenAICompatibleGenerator',
+           'decode_completions', 'batch_generate', 'generate', 'Completion', 'to_completions', 'generate_with_logprobs']
 
 # %% ../../nbs/44_llm_generate.ipynb #7cd1736b
 def left_pad(
@@ -63,13 +63,28 @@ def filter_logits(
     return logits_B_V
 
 
+def restrict_logits(
+    logits_B_V: jax.Array,  # logits of each row
+    allowed_token_ids: tuple[int, ...],  # the tokens that stay; () keeps all
+) -> jax.Array:
+    "Logits with every token outside `allowed_token_ids` set to the dtype's lowest finite value (never sampled)."
+    if not allowed_token_ids:
+        return logits_B_V
+    v = logits_B_V.shape[-1]
+    if max(allowed_token_ids) >= v:
+        raise ValueError(f"allowed_token_ids holds {max(allowed_token_ids)}, but the vocabulary has {v} tokens "
+                         f"(ids 0..{v - 1}); give ids of this model's tokenizer")
+    keep_V = jnp.zeros((v,), bool).at[jnp.asarray(allowed_token_ids)].set(True)
+    return jnp.where(keep_V, logits_B_V, jnp.finfo(logits_B_V.dtype).min)
+
+
 def sample_token(
     logits_B_V: jax.Array,  # next-token logits of each row
     key: jax.Array,  # PRNG key for this step
-    config: GenerationConfig,  # temperature, top_k, top_p
+    config: GenerationConfig,  # temperature, top_k, top_p, allowed_token_ids
 ) -> tuple[jax.Array, jax.Array]:
-    r"`(token_B, logprob_B)`: a token per row and its log-probability under $\mathrm{softmax}(z/	au)$ (before filtering)."
-    logits = logits_B_V.astype(jnp.float32)
+    r"`(token_B, logprob_B)`: a token per row and its log-probability under $\mathrm{softmax}(z/\tau)$ (before filtering)."
+    logits = restrict_logits(logits_B_V.astype(jnp.float32), config.allowed_token_ids)
     if config.temperature == 0.0:
         token = jnp.argmax(logits, axis=-1)
         logp = jax.nn.log_softmax(logits, axis=-1)
@@ -164,7 +179,7 @@ def recompute_generate(
     return Generation(prompt_ids_B_P.astype(jnp.int32), prompt_mask_B_P.astype(jnp.float32), seq[:, p:], logps, mask, finish)
 
 
-@partial(jax.jit, static_argnames=("temperature",))
+@partial(jax.jit, static_argnames=("temperature", "allowed_token_ids"))
 def completion_logprobs(
     model: Llama,  # the decoder
     prompt_ids_B_P: jax.Array,  # left-padded prompts
@@ -172,13 +187,14 @@ def completion_logprobs(
     completion_ids_B_T: jax.Array,  # completion tokens
     completion_mask_B_T: jax.Array,  # 1 on real completion tokens
     temperature: float = 1.0,  # the sampler's temperature (0 counts as 1)
+    allowed_token_ids: tuple[int, ...] = (),  # the sampler's allowed tokens; () allows all
 ) -> jax.Array:
-    r"Teacher-forced $\log \mathrm{softmax}(z/	au)$ of each completion token, `[B, T]` (0 where masked)."
+    r"Teacher-forced $\log \mathrm{softmax}(z/\tau)$ of each completion token, `[B, T]` (0 where masked)."
     p = prompt_ids_B_P.shape[1]
     seq = jnp.concatenate([prompt_ids_B_P, completion_ids_B_T], axis=1).astype(jnp.int32)
     seq_mask = jnp.concatenate([prompt_mask_B_P, completion_mask_B_T], axis=1)
     logits = sequence_logits(model, seq, seq_mask)[:, p - 1:-1].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits / (temperature or 1.0), axis=-1)
+    logp = jax.nn.log_softmax(restrict_logits(logits, allowed_token_ids) / (temperature or 1.0), axis=-1)
     taken = jnp.take_along_axis(logp, completion_ids_B_T[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return taken * completion_mask_B_T
 
@@ -200,6 +216,7 @@ class Generator(Protocol):
                  completion_ids_B_T: jax.Array,  # completion tokens
                  completion_mask_B_T: jax.Array,  # 1 on real completion tokens
                  temperature: float = 1.0,  # the sampler's temperature
+                 allowed_token_ids: tuple[int, ...] = (),  # the sampler's allowed tokens
                  ) -> jax.Array: ...  # teacher-forced log-probabilities
     def update_weights(self,
                        model: Llama,  # the new policy
@@ -228,10 +245,11 @@ class KVCacheGenerator:
                  completion_ids_B_T: jax.Array,  # completion tokens
                  completion_mask_B_T: jax.Array,  # 1 on real completion tokens
                  temperature: float = 1.0,  # the sampler's temperature
+                 allowed_token_ids: tuple[int, ...] = (),  # the sampler's allowed tokens
                  ) -> jax.Array:
         "Teacher-forced log-probabilities."
         return completion_logprobs(model, prompt_ids_B_P, prompt_mask_B_P, completion_ids_B_T, completion_mask_B_T,
-                                   temperature)
+                                   temperature, allowed_token_ids)
 
     def update_weights(self,
                        model: Llama,  # the new policy
@@ -311,6 +329,10 @@ def batch_generate(
     return backend.generate(model, jnp.asarray(ids), jnp.asarray(mask), config, key)
 
 
+def _as_conversation(prompt: str | Conversation) -> Conversation:
+    return Conversation((Message("user", prompt),)) if isinstance(prompt, str) else prompt
+
+
 def generate(
     model: Llama,  # the decoder
     tokenizer: Tokenizer,  # its tokenizer
@@ -322,7 +344,43 @@ def generate(
     generator: Generator | None = None,  # the backend
 ) -> str:
     "The model's reply to one prompt, as text."
-    conv = Conversation((Message("user", prompt),)) if isinstance(prompt, str) else prompt
     key = jax.random.key(config.seed) if key is None else key
-    gen = batch_generate(model, tokenizer, [conv], config, key, template=template, generator=generator)
+    gen = batch_generate(model, tokenizer, [_as_conversation(prompt)], config, key, template=template,
+                         generator=generator)
     return decode_completions(tokenizer, gen)[0]
+
+# %% ../../nbs/44_llm_generate.ipynb #e4020a56
+class Completion(NamedTuple):
+    "One sampled reply: its text, its tokens, the log-probability of each, and why it ended."
+    text: str  # the decoded reply (a final stop token dropped)
+    token_ids_T: np.ndarray  # the reply's tokens, a stop token included, int32 `[T]`
+    logprobs_T: np.ndarray  # log-probability of each token under the sampler, float32 `[T]`
+    finish_reason: str  # "stop" (sampled a stop token) or "length" (ran out of max_new_tokens)
+
+
+def to_completions(
+    tokenizer: Tokenizer,  # the model's tokenizer
+    generation: Generation,  # a sampler's output
+) -> list[Completion]:
+    "One `Completion` per row of `generation`, holding only the row's real (masked) tokens."
+    rows = zip(decode_completions(tokenizer, generation), np.asarray(generation.completion_ids_B_T),
+               np.asarray(generation.logprobs_B_T), np.asarray(generation.mask_B_T) > 0, finish_reasons(generation))
+    return [Completion(text, ids[m].astype(np.int32), lp[m].astype(np.float32), why)
+            for text, ids, lp, m, why in rows]
+
+
+def generate_with_logprobs(
+    model: Llama,  # the decoder
+    tokenizer: Tokenizer,  # its tokenizer
+    prompt: str | Conversation,  # a user message, or a whole conversation
+    config: GenerationConfig = GenerationConfig(),  # sampling settings
+    key: jax.Array | None = None,  # PRNG key; `jax.random.key(config.seed)` when None
+    *,
+    template: str = CHATML_TEMPLATE,  # the chat template
+    generator: Generator | None = None,  # the backend
+) -> Completion:
+    "The model's reply to one prompt with the log-probability of each of its tokens."
+    key = jax.random.key(config.seed) if key is None else key
+    gen = batch_generate(model, tokenizer, [_as_conversation(prompt)], config, key, template=template,
+                         generator=generator)
+    return to_completions(tokenizer, gen)[0]

@@ -18,8 +18,8 @@ from .tokenizers import smollm2_path
 from .types import ModelConfig
 
 # %% auto #0
-__all__ = ['LlamaLayers', 'Llama', 'init_llama', 'rms_norm', 'apply_rope', 'grouped_query_attention', 'KVCache', 'init_cache',
-           'llama_forward', 'sequence_logits', 'llama_from_gguf', 'load_model']
+__all__ = ['LlamaLayers', 'Llama', 'init_llama', 'tiny_llama', 'rms_norm', 'apply_rope', 'grouped_query_attention', 'KVCache',
+           'init_cache', 'llama_forward', 'sequence_logits', 'llama_from_gguf', 'load_model']
 
 # %% ../../nbs/43_llm_models.ipynb #74517d93
 class LlamaLayers(eqx.Module):
@@ -43,6 +43,16 @@ class Llama(eqx.Module):
     lm_head_D_V: jax.Array | None  # output projection; None when tied to `embed_V_D`
     config: ModelConfig = eqx.field(static=True)  # the shape
 
+    def __call__(self,
+                 tokens_T: jax.Array,  # one sequence of token ids
+                 ) -> jax.Array:  # next-token logits `[T, V]`
+        "Logits of one sequence (no padding, no cache); `jax.vmap` it over a batch, or use `sequence_logits`."
+        n, ctx = tokens_T.shape[0], self.config.max_seq_len
+        if n > ctx:
+            raise ValueError(f"Llama: a sequence of length {n} is longer than max_len={ctx} (config.max_seq_len); "
+                             "truncate it, or build the model with a larger max_seq_len")
+        return sequence_logits(self, tokens_T[None])[0]
+
 # %% ../../nbs/43_llm_models.ipynb #e1d4b66b
 def init_llama(
     config: ModelConfig,  # the shape
@@ -61,6 +71,21 @@ def init_llama(
     embed = jax.random.normal(next(keys), (c.vocab_size, c.dim), dtype)
     head = None if c.tie_embeddings else w(c.dim, c.vocab_size)
     return Llama(embed, layers, jnp.ones((c.dim,), dtype), head, c)
+
+# %% ../../nbs/43_llm_models.ipynb #4a0dfe0f
+def tiny_llama(
+    vocab_size: int,  # V: tokens in the vocabulary
+    max_seq_len: int,  # the longest sequence (prompt plus completion)
+    dim: int = 64,  # D: model width
+    n_layers: int = 2,  # transformer blocks
+    n_heads: int = 4,  # attention heads (they divide `dim`)
+    *,
+    key: jax.Array,  # PRNG key of the initialization
+) -> Llama:
+    "A small randomly initialised `Llama` for training from scratch: full multi-head attention, untied head."
+    return init_llama(ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+                                  hidden_dim=4 * dim, max_seq_len=max_seq_len, tie_embeddings=False),
+                      key=key)
 
 # %% ../../nbs/43_llm_models.ipynb #a84746c4
 def rms_norm(

@@ -64,13 +64,22 @@ def check_conversation(
 
 # %% ../../nbs/40_llm_types.ipynb #391a5ef0
 class GenerationConfig(Config):
-    "How to sample: length, temperature, top-k / top-p filters, stop tokens, seed."
+    "How to sample: length, temperature, top-k / top-p filters, stop tokens, allowed tokens, seed."
     max_new_tokens: int = Field(64, ge=1)  # completion tokens per row, at most
     temperature: float = Field(1.0, ge=0.0)  # softmax temperature; 0 is greedy (argmax)
     top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus: keep the smallest set of tokens with mass >= top_p
     top_k: int = Field(0, ge=0)  # keep the k most likely tokens; 0 keeps all
     stop_token_ids: tuple[int, ...] = ()  # a row ends after it samples one of these
+    allowed_token_ids: tuple[int, ...] = ()  # when given, the only tokens a row can sample (part of the policy); () allows all
     seed: int = 0  # a seed for callers that derive their key from the config
+
+    @model_validator(mode="after")
+    def _ids_non_negative(self) -> GenerationConfig:
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            bad = [i for i in getattr(self, name) if i < 0]
+            if bad:
+                raise ValueError(f"GenerationConfig.{name} holds negative token ids {bad}; token ids are >= 0")
+        return self
 
 # %% ../../nbs/40_llm_types.ipynb #a8fffe58
 FINISH_REASONS = ("length", "stop")  # index 0: ran out of max_new_tokens; 1: sampled a stop token
