@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ast
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import mlflow
 from IPython.core.error import UsageError
@@ -72,6 +73,20 @@ def run_banner(tracker: ExperimentTracker,  # an active tracker
             f"  see it: {tracker.link}\n"
             "  mlflow.log_* and MLFlowTelemetry() with no arguments log to this run")
 
+
+@contextmanager
+def _no_mlflow_url() -> Iterator[None]:
+    "MLflow prints no `View run ... at:` lines of its own when the run ends: the banner gave the link."
+    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    old, os.environ[key] = os.environ.get(key), "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
 # %% ../../nbs/12_tracking_magic.ipynb #937a9902
 def _tracker_args(f: Callable) -> Callable:
     "The arguments shared by %%rlab_run and %rlab_start."
@@ -115,7 +130,7 @@ class RlabMagics(Magics):
             print("rlab: %%rlab_run is a cell magic: put `%%rlab_run EXPERIMENT` (two %) on the first line of the cell "
                   "to track; for a run over several cells use %rlab_start EXPERIMENT ... %rlab_stop")
             return None
-        with self._tracker(line, self.rlab_run) as tracker:
+        with _no_mlflow_url(), self._tracker(line, self.rlab_run) as tracker:
             self.shell.user_ns["tracker"] = tracker
             print(run_banner(tracker))
             return _run_cell_body(self.shell, cell)
@@ -152,7 +167,8 @@ class RlabMagics(Magics):
             print("rlab: no run started with %rlab_start is active")
             return
         tracker, self.tracker = self.tracker, None
-        tracker.end(status)
+        with _no_mlflow_url():
+            tracker.end(status)
         print(f"rlab: run {tracker.run_name!r} ended {status}")
 
 # %% ../../nbs/12_tracking_magic.ipynb #c833b1f7
