@@ -166,6 +166,8 @@ FRESH = [
     "%%rlab_run fresh --uri $uri --name 2026-03-02_loud --log-level INFO\nimport logging\n"
     "print(logging.getLogger('mlflow').getEffectiveLevel())",
     "import logging\nprint(logging.getLogger('mlflow').getEffectiveLevel())",
+    # 8: a plain ExperimentTracker in a cell logs the executed cells too
+    "from researchlab import ExperimentTracker\nwith ExperimentTracker('fresh', '2026-03-02_plain', uri):\n    pass",
 ]
 
 
@@ -177,7 +179,7 @@ def test_fresh_notebook_server_link_config_attribute_and_help(tmp_path: Path, ml
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("fresh")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"2026-03-02_fresh", "2026-03-02_loud"}  # the refused --config started nothing
+    assert set(runs) == {"2026-03-02_fresh", "2026-03-02_loud", "2026-03-02_plain"}  # the refused one: none
     fresh = runs["2026-03-02_fresh"]
     assert text_of(nb.cells[2]) == banner(fresh, uri, "fresh") + "30\n7"
     assert f"{uri}/#/experiments/{exp.experiment_id}/runs/{fresh.info.run_id}" in text_of(nb.cells[2])
@@ -190,6 +192,8 @@ def test_fresh_notebook_server_link_config_attribute_and_help(tmp_path: Path, ml
     assert "--config loop.missing: loop (Loop) has no attribute or key 'missing'" in error and "No run was started" in error
     help_text = "".join(p["data"]["text/plain"] for p in replies[4]["content"]["payload"] if p.get("source") == "page")
     assert "%rlab_run [--name NAME]" in help_text and "--config CONFIG" in help_text and "tracked MLflow run" in help_text
-    assert "is a cell magic" in text_of(nb.cells[5]) and set(runs) == {"2026-03-02_fresh", "2026-03-02_loud"}
+    assert "is a cell magic" in text_of(nb.cells[5])
     assert text_of(nb.cells[6]) == banner(runs["2026-03-02_loud"], uri, "fresh") + "20\n"  # INFO when asked for
     assert text_of(nb.cells[7]) == "20\n"  # and MLflow's own level once the runs ended
+    assert executed(client, runs["2026-03-02_plain"]) == [(1, nb.cells[0].source)] + [
+        (i + 2, c) for i, c in enumerate(FRESH)]

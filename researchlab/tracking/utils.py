@@ -251,12 +251,14 @@ def clean_notebook(text: bytes,  # the notebook file as saved (JSON)
 def _clean_changed_notebooks(root: str, env: Mapping[str, str], base: str | None) -> list[str]:
     "Stage `clean_notebook` of each changed notebook in the temporary index; return their paths."
     against = base or _git(["hash-object", "-t", "tree", "--stdin"], root, env, stdin=b"").decode().strip()
-    out = _git(["diff", "--name-status", "--no-renames", "-z", "--diff-filter=AM", against], root, env).split(b"\0")
+    globbing = {k: v for k, v in env.items() if k != "GIT_LITERAL_PATHSPECS"}  # only notebooks are listed
+    out = _git(["diff", "--name-status", "--no-renames", "-z", "--diff-filter=AM", against, "--",
+                ":(glob,icase)**/*.ipynb"], root, globbing).split(b"\0")
     entries = []
     for status, raw in zip(out[0::2], out[1::2]):
         path = os.fsdecode(raw)
         full = os.path.join(root, path)
-        if not path.lower().endswith(".ipynb") or os.path.islink(full) or not os.path.isfile(full):
+        if os.path.islink(full) or not os.path.isfile(full):
             continue
         with open(full, "rb") as f:
             text = f.read()
