@@ -369,7 +369,7 @@ class ExperimentTracker:
 # %% ../../nbs/11_tracking_tracker.ipynb #301cb411
 @patch
 def __enter__(self: ExperimentTracker) -> Self:
-    "Check, capture the git state, start (or resume) the run, log patch, notebook and config."
+    "Check, capture the git state, start (or resume) the run, log patch, notebook, executed cells and config."
     if self.run_id is not None:
         raise RuntimeError(f"{self!r} was already used; an ExperimentTracker runs once, create a new one")
     if (other := mlflow.active_run()) is not None:
