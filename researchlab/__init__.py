@@ -32,7 +32,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.design.mlflow_rules": (
         "MAX_KEY_LENGTH", "MAX_PARAM_VALUE_LENGTH", "MAX_TAG_VALUE_LENGTH", "MAX_ENTRIES_PER_BATCH",
         "MAX_PARAMS_PER_BATCH", "KEY_CHARS", "check_key", "check_metric", "flatten_params", "param_value", "get_or_create_experiment", "active_run_id",
-        "sanitize_param_key", "SECRET_ENV_VARS", "redact",
+        "sanitize_param_key", "SECRET_ENV_VARS", "redact", "run_link",
         "TrackingServerUnreachable", "check_reachable", "prepare_sqlite_store",
     ),
     "researchlab.design.mlflow_telemetry": (
@@ -65,13 +65,15 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "researchlab.tracking.utils": (
         "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "SECRET_PATTERNS",
-        "get_git_state", "find_run_by_rlab_id", "generate_run_id", "log_flattened_params",
+        "get_git_state", "find_run_by_rlab_id", "generate_run_id", "log_flattened_params", "clean_notebook",
     ),
     "researchlab.tracking.tracker": (
         "project_root", "resolve_tracking_uri", "find_notebook_path", "ExperimentTracker",
+        "EXECUTED_CELLS", "GIT_PATCH", "executed_cells", "cells_notebook", "cells_script",
+        "NotebookNotSavedWarning", "saved_notebook_problem",
     ),
     "researchlab.tracking.magic": (
-        "RlabMagics", "load_ipython_extension",
+        "RlabMagics", "load_ipython_extension", "run_banner",
     ),
     "researchlab.rl.advantages": (
         "Scale", "compute_ppo_advantages", "compute_grpo_advantages", "normalize_advantages",

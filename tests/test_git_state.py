@@ -3,6 +3,7 @@ they were, and `git apply` of the patch on a clean checkout of the base commit r
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from researchlab.tracking.utils import GitState, GitStateWarning, get_git_state, patch_bytes
+from researchlab.tracking.utils import GitState, GitStateWarning, clean_notebook, get_git_state, patch_bytes
 
 pytestmark = pytest.mark.usefixtures("isolated_git")  # conftest: git identity and config for these tests only
 
@@ -334,3 +335,57 @@ def test_corrupt_repository_warns_and_records_nothing(tmp_path: Path) -> None:
     (repo / ".git/refs/heads/main").write_text("0" * 40 + "\n")  # HEAD points to a missing commit
     with pytest.warns(GitStateWarning, match="could not capture the git state"):
         assert get_git_state(repo) is None
+
+
+# ---- notebooks: outputs stay out of the patch -------------------------------------------------------------
+
+def notebook(*cells: tuple[str, str, str], **metadata: object) -> str:
+    "A notebook as Jupyter writes it; cells are (id, source, stdout output or '')."
+    def cell(cid: str, src: str, out: str, n: int | None) -> dict:
+        return {"cell_type": "code", "execution_count": n, "id": cid, "metadata": {}, "source": src,
+                "outputs": [{"output_type": "stream", "name": "stdout", "text": out}] if out else []}
+    nb = {"cells": [cell(c, s, o, i + 1 if o else None) for i, (c, s, o) in enumerate(cells)], "metadata": metadata,
+          "nbformat": 4, "nbformat_minor": 5}
+    return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+KERNEL = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}}
+
+
+def test_notebook_outputs_stay_out_of_the_patch(tmp_path: Path) -> None:
+    "Run notebooks: the patch holds their source edits only, applies on the base, and is exact for other files."
+    committed = {"exp.ipynb": notebook(("a", "x = 1", ""), ("b", "print(x)", ""), **KERNEL),
+                 "tutorial.ipynb": notebook(("t", "plot()", "a committed figure\n"), **KERNEL),
+                 "train.py": "lr = 1\n"}
+    repo = make_repo(tmp_path / "repo", committed)
+    ran = {"exp.ipynb": notebook(("a", "x = 2", "y" * 100_000), ("b", "print(x)", "2\n"), ("c", "x + 1", "3\n"),
+                                 kernelspec={}, language_info={"name": "python", "version": "3.11.9"}),
+           "tutorial.ipynb": notebook(("t", "plot()", "a new figure\n"), **KERNEL),  # re-run: outputs changed only
+           "new.ipynb": notebook(("n", "import os", "z" * 50_000), **KERNEL),
+           "train.py": "lr = 2\n"}
+    write(repo, ran)
+    before = snapshot(repo)
+    state = get_git_state(repo)
+    assert snapshot(repo) == before, "get_git_state changed the index, untracked set, objects or HEAD"
+    assert sorted(state["cleaned_notebooks"]) == ["exp.ipynb", "new.ipynb", "tutorial.ipynb"]
+    assert len(patch_bytes(state)) < 4000 and "yyyy" not in state["patch"] and "zzzz" not in state["patch"]
+    assert "tutorial.ipynb" not in state["patch"] and "+lr = 2" in state["patch"]
+    clone = apply_on_clean_checkout(repo, state, tmp_path / "clone")
+    assert (clone / "train.py").read_text() == "lr = 2\n"
+    for name in ("exp.ipynb", "new.ipynb", "tutorial.ipynb"):
+        got, work = json.loads((clone / name).read_text()), json.loads(ran[name])
+        assert [c["source"] for c in got["cells"]] == [c["source"] for c in work["cells"]], name
+        base = committed.get(name)
+        assert got == json.loads(clean_notebook(ran[name].encode(), base.encode() if base else None)), name
+    assert json.loads((clone / "exp.ipynb").read_text())["metadata"] == KERNEL  # the base's kernelspec, no language_info
+    assert [c["outputs"] for c in json.loads((clone / "new.ipynb").read_text())["cells"]] == [[]]
+    exact, clone = checked_state(repo, tmp_path / "exact", clean_notebooks=False)  # byte for byte when asked
+    assert exact["cleaned_notebooks"] == [] and "yyyy" in exact["patch"]
+
+
+def test_a_rerun_notebook_leaves_the_repository_clean(tmp_path: Path) -> None:
+    "Running a committed notebook (new outputs, counts, JupyterLab's empty kernelspec) is no change to the code."
+    repo = make_repo(tmp_path / "repo", {"nbs/t.ipynb": notebook(("t", "1 + 1", ""), **KERNEL)})
+    write(repo, {"nbs/t.ipynb": notebook(("t", "1 + 1", "2\n"), kernelspec={})})
+    state = get_git_state(repo)
+    assert (state["patch"], state["is_dirty"], state["cleaned_notebooks"]) == ("", False, ["nbs/t.ipynb"])

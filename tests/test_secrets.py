@@ -111,7 +111,7 @@ def test_tracker_tags_the_excluded_files_and_passes_the_override(tmp_path: Path,
         client = MlflowClient(sqlite_uri)
         tags = client.get_run(tracker.run_id).data.tags
         assert tags["rlab.git.excluded"] == ", ".join(sorted(SECRETS)) and tags["rlab.git.dirty"] == "true"
-        patch = Path(client.download_artifacts(tracker.run_id, "git.patch", str(tmp_path))).read_text()
+        patch = Path(client.download_artifacts(tracker.run_id, "git.patch.txt", str(tmp_path))).read_text()
         assert "hunter2" not in patch and "keep me" in patch
         with ExperimentTracker("secrets", tracking_uri=sqlite_uri, repo_path=repo, exclude_untracked=()) as everything:
             pass

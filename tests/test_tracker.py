@@ -111,11 +111,11 @@ def test_run_records_git_state_config_and_ends_finished(uri: str, repo: Path, tm
     assert tags["rlab.git.commit"] == tags["mlflow.source.git.commit"] == head
     assert (tags["rlab.git.branch"], tags["rlab.git.dirty"]) == ("main", "true")
     assert run.data.params == {"seed": "3", "optim.lr": "0.0003", "optim.betas": "[0.9, 0.999]"}
-    assert sorted(a.path for a in client.list_artifacts(tracker.run_id)) == ["git.patch", "train.yaml"]
+    assert sorted(a.path for a in client.list_artifacts(tracker.run_id)) == ["git.patch.txt", "train.yaml"]
     assert find_run_by_rlab_id(tracker.run_name, client).info.run_id == tracker.run_id
 
     # the logged patch rebuilds the work tree on a clean checkout of the logged commit
-    patch = Path(client.download_artifacts(tracker.run_id, "git.patch", str(tmp_path))).read_bytes()
+    patch = Path(client.download_artifacts(tracker.run_id, "git.patch.txt", str(tmp_path))).read_bytes()
     assert patch == patch_bytes(get_git_state(repo)) and b"hunter2" not in patch
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(repo), str(clone))
@@ -212,14 +212,24 @@ def test_nested_run_left_open_is_ended_too(sqlite_uri: str, repo: Path) -> None:
 
 
 def test_failure_on_entry_ends_the_started_run(sqlite_uri: str, repo: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("- 1\n- 2\n")
-    tracker = ExperimentTracker("entry", tracking_uri=sqlite_uri, repo_path=repo, config=bad)
-    with pytest.raises(ValueError, match="bad.yaml"):
+    # keys that collide once sanitized for MLflow are found while logging, after the run has started
+    tracker = ExperimentTracker("entry", tracking_uri=sqlite_uri, repo_path=repo, config={"a@b": 1, "a_b": 2})
+    with pytest.raises(ValueError, match="both become 'a_b'"):
         tracker.__enter__()
     assert mlflow.active_run() is None
     runs = experiment_runs(MlflowClient(sqlite_uri), "entry")
     assert [r.info.status for r in runs] == ["FAILED"] and runs[0].info.run_id == tracker.run_id
+
+
+def test_a_bad_config_file_is_refused_before_any_run(sqlite_uri: str, repo: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="bad.yaml' must hold a YAML mapping"):
+        ExperimentTracker("entry-file", tracking_uri=sqlite_uri, repo_path=repo, config=bad)
+    with pytest.raises(FileNotFoundError, match="no config file at 'missing.yaml'"):
+        ExperimentTracker("entry-file", tracking_uri=sqlite_uri, repo_path=repo, config="missing.yaml")
+    assert mlflow.active_run() is None
+    assert MlflowClient(sqlite_uri).get_experiment_by_name("entry-file") is None  # nothing was created
 
 
 def test_store_down_at_exit_leaves_no_active_run(fresh_mlflow_server, sqlite_uri: str, repo: Path,
@@ -252,7 +262,7 @@ def test_resume_continues_the_same_run(uri: str, repo: Path) -> None:
     assert run.data.tags["rlab.git.commit"] == first_commit
     assert run.data.tags["rlab.git.resumed_commit"] == git(repo, "rev-parse", "HEAD").strip()
     names = sorted(a.path for a in client.list_artifacts(first.run_id))
-    assert names[0].startswith("git-resume-") and names[1] == "git.patch"
+    assert names[0].startswith("git-resume-") and names[0].endswith(".patch.txt") and names[1] == "git.patch.txt"
 
 
 def test_taken_or_missing_names_are_refused_before_a_run_starts(sqlite_uri: str, repo: Path) -> None:

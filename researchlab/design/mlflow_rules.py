@@ -9,6 +9,7 @@ import json
 import numbers
 import os
 import re
+import shlex
 import socket
 import sqlite3
 import time
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['MAX_KEY_LENGTH', 'MAX_PARAM_VALUE_LENGTH', 'MAX_TAG_VALUE_LENGTH', 'MAX_ENTRIES_PER_BATCH', 'MAX_PARAMS_PER_BATCH',
            'KEY_CHARS', 'SECRET_ENV_VARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params',
-           'param_value', 'redact', 'TrackingServerUnreachable', 'check_reachable', 'prepare_sqlite_store',
+           'param_value', 'redact', 'run_link', 'TrackingServerUnreachable', 'check_reachable', 'prepare_sqlite_store',
            'get_or_create_experiment', 'active_run_id']
 
 # %% ../../nbs/04_mlflow_rules.ipynb #2ce0f60c
@@ -149,6 +150,22 @@ def redact(text: str,  # any text: a URI, a message, a spool line
         if len(value) >= 4:  # a one-letter value would redact every occurrence of that letter
             text = text.replace(value, "***")
     return text
+
+# %% ../../nbs/04_mlflow_rules.ipynb #a1b2c3d4
+def run_link(tracking_uri: str,  # where the run is stored: an http(s) server, sqlite:///..., a folder
+             experiment_id: str,  # the run's experiment id
+             run_id: str,  # MLflow's run id (32 hex digits)
+             ui_port: int = 5000,  # the port `mlflow ui` serves on, for local stores
+             ) -> str:
+    "The MLflow UI address of a run on a server (credentials removed), else the `mlflow ui` command to see it."
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return redact(f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}/{page}")
+    return redact(f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port {ui_port}, "
+                  f"then open http://127.0.0.1:{ui_port}/{page}")
 
 # %% ../../nbs/04_mlflow_rules.ipynb #b7fd71f6
 class TrackingServerUnreachable(ConnectionError):

@@ -6,18 +6,21 @@
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import mlflow
+from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..design.core import Config
 from .tracker import ExperimentTracker
 
 # %% auto #0
-__all__ = ['RlabMagics', 'load_ipython_extension']
+__all__ = ['run_banner', 'RlabMagics', 'load_ipython_extension']
 
 # %% ../../nbs/12_tracking_magic.ipynb #8cd77cec
 def _run_cell_body(shell: InteractiveShell, cell: str) -> object:
@@ -36,19 +39,66 @@ def _run_cell_body(shell: InteractiveShell, cell: str) -> object:
 
 
 def _config_arg(shell: InteractiveShell, value: str | None) -> str | Config | Mapping[str, object] | None:
-    "`--config`: a notebook variable holding a Config or dict, else a path."
-    if value is not None and isinstance(obj := shell.user_ns.get(value), (Config, Mapping)):
-        return obj
-    return value
+    "`--config`: a notebook variable (or its attribute, `loop.config`) holding a Config or dict, else a YAML path."
+    if value is None:
+        return None
+    head, *attrs = value.split(".")
+    problem = f"there is no notebook variable {head!r}"
+    if head.isidentifier() and head in shell.user_ns:
+        obj, problem = shell.user_ns[head], ""
+        for i, attr in enumerate(attrs):
+            if isinstance(obj, Mapping) and attr in obj:
+                obj = obj[attr]
+            elif hasattr(obj, attr):
+                obj = getattr(obj, attr)
+            else:
+                problem = f"{'.'.join([head, *attrs[:i]])} ({type(obj).__name__}) has no attribute or key {attr!r}"
+                break
+        if not problem and isinstance(obj, (Config, Mapping)):
+            return obj
+        problem = problem or f"{value} is {type(obj).__name__}, not a Config or a dict"
+    if os.path.isfile(value):
+        return value
+    raise UsageError(f"--config {value}: {problem}, and there is no file {os.path.abspath(value)}; pass a notebook "
+                     "variable holding a Config or a dict (or an attribute of one, such as loop.config), or the path "
+                     "of a YAML file. No run was started.")
+
+# %% ../../nbs/12_tracking_magic.ipynb #e5ab0001
+def run_banner(tracker: ExperimentTracker,  # an active tracker
+               verb: str = "",  # put before "run", e.g. "started "
+               ) -> str:
+    "What the magics print when a run starts: its ids, the experiment, where to see it, what logs to it."
+    return (f"rlab: {verb}run {tracker.run_name!r} (MLflow run {tracker.run_id}) in experiment "
+            f"{tracker.experiment_name!r} (id {tracker.experiment_id})\n"
+            f"  see it: {tracker.link}\n"
+            "  mlflow.log_* and MLFlowTelemetry() with no arguments log to this run")
+
+
+@contextmanager
+def _no_mlflow_url() -> Iterator[None]:
+    "MLflow prints no `View run ... at:` lines of its own when the run ends: the banner gave the link."
+    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    old, os.environ[key] = os.environ.get(key), "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 # %% ../../nbs/12_tracking_magic.ipynb #937a9902
 def _tracker_args(f: Callable) -> Callable:
     "The arguments shared by %%rlab_run and %rlab_start."
     for arg in reversed([argument("experiment", help="MLflow experiment name"),
                          argument("--name", default=None, help="readable run id (generated when omitted)"),
-                         argument("--config", default=None, help="YAML path, or a notebook variable holding a Config"),
+                         argument("--config", default=None,
+                                  help="a notebook variable holding a Config or dict (loop.config works), or a YAML path"),
                          argument("--uri", default=None, help="tracking URI (default: MLflow's, else sqlite in the project root)"),
-                         argument("--resume", action="store_true", help="continue the run called --name")]):
+                         argument("--resume", action="store_true", help="continue the run called --name"),
+                         argument("--log-level", default="WARNING",
+                                  help="MLflow's logger level while the run is active (INFO shows its INFO lines; "
+                                       "NONE leaves MLflow's logging as it is)")]):
         f = arg(f)
     return magic_arguments()(f)
 
@@ -65,18 +115,24 @@ class RlabMagics(Magics):
 
     def _tracker(self, line: str, magic: object) -> ExperimentTracker:
         args = parse_argstring(magic, line)
+        level = None if args.log_level.upper() == "NONE" else args.log_level
         return ExperimentTracker(args.experiment, args.name, args.uri, resume=args.resume,
-                                 config=_config_arg(self.shell, args.config))
+                                 config=_config_arg(self.shell, args.config), mlflow_log_level=level)
 
     @_tracker_args
-    @cell_magic
+    @line_cell_magic
     def rlab_run(self,
-                 line: str,  # the rest of the `%%rlab_run` line: `EXPERIMENT [--name N] [--uri U] [--config VAR] [--resume ID]`
-                 cell: str,  # the code of the cell to run
+                 line: str,  # the rest of the `%%rlab_run` line: `EXPERIMENT [--name N] [--uri U] [--config VAR] [--resume]`
+                 cell: str | None = None,  # the code of the cell to run (None for the line form, which only explains)
                  ) -> object:
-        "Run the cell inside a tracked MLflow run (variable `tracker`); FAILED and re-raised on an exception."
-        with self._tracker(line, self.rlab_run) as tracker:
+        "`%%rlab_run EXPERIMENT` on a cell's first line runs the cell inside a tracked MLflow run (variable `tracker`)."
+        if cell is None:
+            print("rlab: %%rlab_run is a cell magic: put `%%rlab_run EXPERIMENT` (two %) on the first line of the cell "
+                  "to track; for a run over several cells use %rlab_start EXPERIMENT ... %rlab_stop")
+            return None
+        with _no_mlflow_url(), self._tracker(line, self.rlab_run) as tracker:
             self.shell.user_ns["tracker"] = tracker
+            print(run_banner(tracker))
             return _run_cell_body(self.shell, cell)
 
     @_tracker_args
@@ -96,7 +152,7 @@ class RlabMagics(Magics):
         tracker = self._tracker(line, self.rlab_start)
         self.tracker = tracker.__enter__()
         self.shell.user_ns["tracker"] = tracker
-        print(f"rlab: started run {tracker.run_name!r} in experiment {tracker.experiment_name!r} ({tracker.tracking_uri})")
+        print(run_banner(tracker, "started "))
 
     @line_magic
     def rlab_stop(self,
@@ -111,7 +167,8 @@ class RlabMagics(Magics):
             print("rlab: no run started with %rlab_start is active")
             return
         tracker, self.tracker = self.tracker, None
-        tracker.end(status)
+        with _no_mlflow_url():
+            tracker.end(status)
         print(f"rlab: run {tracker.run_name!r} ended {status}")
 
 # %% ../../nbs/12_tracking_magic.ipynb #c833b1f7

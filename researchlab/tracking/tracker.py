@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import git
 import mlflow
@@ -28,6 +30,7 @@ from researchlab.design.mlflow_rules import (
     get_or_create_experiment,
     prepare_sqlite_store,
     redact,
+    run_link,
 )
 from researchlab.tracking.utils import (
     _RLAB_ID_TAG,
@@ -42,8 +45,12 @@ from researchlab.tracking.utils import (
 
 from ..design.core import Config
 
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
 # %% auto #0
-__all__ = ['project_root', 'resolve_tracking_uri', 'find_notebook_path', 'ExperimentTracker']
+__all__ = ['EXECUTED_CELLS', 'GIT_PATCH', 'project_root', 'resolve_tracking_uri', 'find_notebook_path', 'executed_cells',
+           'cells_notebook', 'cells_script', 'NotebookNotSavedWarning', 'saved_notebook_problem', 'ExperimentTracker']
 
 # %% ../../nbs/11_tracking_tracker.ipynb #d7764fa1
 def project_root(path: str | os.PathLike = ".",  # a file or folder inside the project
@@ -92,6 +99,66 @@ def find_notebook_path() -> Path | None:
             return Path(candidate).resolve()
     return None
 
+# %% ../../nbs/11_tracking_tracker.ipynb #e4ec0002
+EXECUTED_CELLS = "notebook/executed-cells"
+"The artifact path, without suffix, of the cells the kernel executed (`.ipynb` and `.py`)."
+
+
+def _shell() -> InteractiveShell | None:
+    "The running IPython shell, None outside IPython."
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def executed_cells(shell: InteractiveShell | None = None,  # an IPython shell; None: the running one
+                   ) -> list[tuple[int, str]]:
+    "The cells the IPython kernel executed, in execution order: `(execution count, source as typed)`; [] outside IPython."
+    history = getattr(shell or _shell(), "history_manager", None)
+    if history is None:
+        return []
+    return [(n, source) for n, source in enumerate(history.input_hist_raw) if n > 0]
+
+# %% ../../nbs/11_tracking_tracker.ipynb #e4ec0003
+def cells_notebook(cells: Sequence[tuple[int, str]],  # (execution count, source) pairs
+                   ) -> str:
+    "The cells as an nbformat 4 notebook (JSON): one code cell per execution, numbered as it ran, no outputs."
+    nb = {"cells": [{"cell_type": "code", "execution_count": n, "id": f"in-{n}", "metadata": {}, "outputs": [],
+                     "source": source} for n, source in cells],
+          "metadata": {"kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+                       "language_info": {"name": "python"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+
+
+def cells_script(cells: Sequence[tuple[int, str]],  # (execution count, source) pairs
+                 ) -> str:
+    "The cells as a `.py` in the percent format, one `# %% In[n]` header per execution."
+    return ("# The cells this kernel executed, in execution order; IPython magics are kept as typed.\n"
+            + "".join(f"\n# %% In[{n}]\n{source.rstrip()}\n" for n, source in cells))
+
+# %% ../../nbs/11_tracking_tracker.ipynb #e4ec0006
+class NotebookNotSavedWarning(UserWarning):
+    "The saved notebook file does not hold the cell being run: the executed cells are the record of what ran."
+
+
+def saved_notebook_problem(path: str | os.PathLike,  # the notebook file
+                           current: str,  # the source of the cell being run
+                           ) -> str | None:
+    "What is wrong with the saved notebook as a record of `current` (no cells, cell missing, unreadable); None when fine."
+    try:
+        cells = json.loads(Path(path).read_bytes())["cells"]
+        sources = {("".join(c["source"]) if isinstance(c["source"], list) else c["source"]).strip() for c in cells}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"could not be read ({type(e).__name__}: {e})"
+    if not cells:
+        return "has no cells (it was not saved since the notebook was created)"
+    if current.strip() and current.strip() not in sources:
+        return "does not hold the cell being run (it was saved before that cell was written or changed)"
+    return None
+
 # %% ../../nbs/11_tracking_tracker.ipynb #67614e2a
 def _tag(value: object) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -111,6 +178,7 @@ def _git_tags(state: GitState | None, resumed: bool) -> dict[str, str]:
             "rlab.git.remote": _tag(state["remote_url"] or ""), "mlflow.source.git.repoURL": _tag(state["remote_url"] or ""),
             "rlab.git.skipped": _tag(", ".join(sorted(state["skipped"]))),
             "rlab.git.excluded": _tag(", ".join(sorted(state["excluded"]))),
+            "rlab.git.cleaned_notebooks": _tag(", ".join(sorted(state.get("cleaned_notebooks", [])))),
             "rlab.git.submodules": _tag(state["submodules"]) if state["submodules"] else ""}
     return {k: v for k, v in tags.items() if v != ""}
 
@@ -131,16 +199,24 @@ def _existing_run(client: MlflowClient, run_name: str | None, resume: bool, expe
     return run
 
 # %% ../../nbs/11_tracking_tracker.ipynb #a838f5a4
-def _log_run_files(state: GitState | None, notebook: Path | None, resumed: bool) -> None:
-    "Log the git patch and the notebook file to the active run."
+GIT_PATCH = "git.patch.txt"
+"The artifact name of a run's git patch (`git apply` takes it as it is)."
+
+
+def _log_run_files(state: GitState | None, notebook: Path | None, cells: list[tuple[int, str]] | None,
+                   stamp: str | None) -> None:
+    "Log the git patch, the notebook file and the executed cells to the active run (`stamp`: a resumed run's)."
     if state is not None:
         with tempfile.TemporaryDirectory(prefix="rlab-run-") as tmp:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-            path = Path(tmp) / (f"git-resume-{stamp}.patch" if resumed else "git.patch")
+            path = Path(tmp) / (f"git-resume-{stamp}.patch.txt" if stamp else GIT_PATCH)
             path.write_bytes(patch_bytes(state))
             mlflow.log_artifact(str(path))
     if notebook is not None:
         mlflow.log_artifact(str(notebook), artifact_path="notebook")
+    if cells:
+        name = f"{EXECUTED_CELLS}-resume-{stamp}" if stamp else EXECUTED_CELLS
+        mlflow.log_text(cells_notebook(cells), f"{name}.ipynb")
+        mlflow.log_text(cells_script(cells), f"{name}.py")
 
 # %% ../../nbs/11_tracking_tracker.ipynb #15358675
 def _relog_saved_notebook(client: MlflowClient, run_id: str, notebook: Path | None, mtime_ns: int | None) -> None:
@@ -150,6 +226,18 @@ def _relog_saved_notebook(client: MlflowClient, run_id: str, notebook: Path | No
             client.log_artifact(run_id, str(notebook), artifact_path="notebook")
     except Exception as e:
         warnings.warn(f"ExperimentTracker: could not log the saved notebook {notebook} again: {e}", stacklevel=4)
+
+
+def _relog_executed_cells(client: MlflowClient, run_id: str, logged: int | None, stamp: str | None) -> None:
+    "Log the executed cells again when more ran since `logged` of them were logged; a failure only warns."
+    try:
+        cells = executed_cells() if logged is not None else []
+        if len(cells) > (logged or 0):
+            name = f"{EXECUTED_CELLS}-resume-{stamp}" if stamp else EXECUTED_CELLS
+            client.log_text(run_id, cells_notebook(cells), f"{name}.ipynb")
+            client.log_text(run_id, cells_script(cells), f"{name}.py")
+    except Exception as e:
+        warnings.warn(f"ExperimentTracker: could not log the executed cells again: {e}", stacklevel=4)
 
 # %% ../../nbs/11_tracking_tracker.ipynb #d934185d
 def _end_run(run_id: str, status: str, client: MlflowClient, label: str) -> None:
@@ -197,6 +285,26 @@ def _read_config(config: str | os.PathLike | Config | Mapping[str, object]) -> t
                          f"got {type(data).__name__}")
     return data, path
 
+# %% ../../nbs/11_tracking_tracker.ipynb #e4ec0008
+def _set_log_level(level: int | str | None) -> Callable[[], None]:
+    "Set the `mlflow` logger to `level` (None: leave it); return the function that puts the old level back."
+    if level is None:
+        return lambda: None
+    logger = logging.getLogger("mlflow")
+    old = logger.level
+    logger.setLevel(level)
+    return lambda: logger.setLevel(old)
+
+
+def _check_log_level(level: int | str | None) -> int | str | None:
+    "`level` when the logging module knows it; the variable MLFLOW_LOGGING_LEVEL wins over it."
+    if "MLFLOW_LOGGING_LEVEL" in os.environ:
+        return None
+    if level is not None and not isinstance(level, int) and str(level).upper() not in logging.getLevelNamesMapping():
+        raise ValueError(f"ExperimentTracker: mlflow_log_level must be a logging level such as 'WARNING', 'INFO' or 20, "
+                         f"or None to leave MLflow's logging as it is; got {level!r}")
+    return level.upper() if isinstance(level, str) else level
+
 # %% ../../nbs/11_tracking_tracker.ipynb #8053d1eb
 class ExperimentTracker:
     "Context manager: an MLflow run with its git state, config and notebook recorded; always ended."
@@ -213,6 +321,8 @@ class ExperimentTracker:
                  exclude_untracked: Sequence[str] | None = None,  # globs of untracked files kept out; None: SECRET_PATTERNS
                  log_notebook: bool = True,  # log the notebook file when running under Jupyter
                  tags: Mapping[str, str] | None = None,  # extra run tags
+                 clean_notebooks: bool = True,  # leave outputs of changed notebooks out of the git patch
+                 mlflow_log_level: int | str | None = "WARNING",  # MLflow's logger level while tracking; None: unchanged
                  ) -> None:
         if not isinstance(experiment_name, str) or not experiment_name.strip():
             raise ValueError(f"ExperimentTracker: experiment_name must be a non-empty string, got {experiment_name!r}")
@@ -224,16 +334,33 @@ class ExperimentTracker:
         self.tracking_uri = resolve_tracking_uri(tracking_uri, repo_path)
         self.config, self.repo_path, self.max_untracked_bytes = config, repo_path, max_untracked_bytes
         self.exclude_untracked = exclude_untracked
-        self.log_notebook, self.tags = log_notebook, dict(tags or {})
-        prepare_sqlite_store(self.tracking_uri, where="ExperimentTracker")  # created whole, or named when it is no store
-        self.client = MlflowClient(self.tracking_uri)  # opens (a sqlite) store at once
+        self.log_notebook, self.tags, self.clean_notebooks = log_notebook, dict(tags or {}), clean_notebooks
+        self.mlflow_log_level = _check_log_level(mlflow_log_level)
+        if config is not None and not isinstance(config, (Config, Mapping)):
+            _read_config(config)  # a missing or malformed file fails here, before any run exists
+        restore = _set_log_level(self.mlflow_log_level)
+        try:
+            prepare_sqlite_store(self.tracking_uri, where="ExperimentTracker")  # created whole, or named when it is no store
+            self.client = MlflowClient(self.tracking_uri)  # opens (a sqlite) store at once
+        finally:
+            restore()
         self.active_run: mlflow.ActiveRun | None = None  # the MLflow run while the tracker is active
         self.run_id: str | None = None  # MLflow's run id, kept after the run ends
         self.experiment_id: str | None = None
         self.git_state: GitState | None = None
         self.notebook_path: Path | None = None
         self._notebook_mtime: int | None = None
+        self._cells_logged: int | None = None  # executed cells logged so far; None outside IPython
+        self._resume_stamp: str | None = None
+        self._restore_log_level: Callable[[], None] = lambda: None
         self.status: str | None = None  # FINISHED / FAILED / KILLED once ended
+
+    @property
+    def link(self) -> str | None:
+        "Where to see the run: its MLflow UI address, or the `mlflow ui` command (`run_link`); None before it starts."
+        if self.run_id is None or self.experiment_id is None:
+            return None
+        return run_link(self.tracking_uri, self.experiment_id, self.run_id)
 
     def __repr__(self) -> str:
         state = "active" if self.active_run else (self.status or "not started")
@@ -242,7 +369,7 @@ class ExperimentTracker:
 # %% ../../nbs/11_tracking_tracker.ipynb #301cb411
 @patch
 def __enter__(self: ExperimentTracker) -> Self:
-    "Check, capture the git state, start (or resume) the run, log patch, notebook and config."
+    "Check, capture the git state, start (or resume) the run, log patch, notebook, executed cells and config."
     if self.run_id is not None:
         raise RuntimeError(f"{self!r} was already used; an ExperimentTracker runs once, create a new one")
     if (other := mlflow.active_run()) is not None:
@@ -253,26 +380,41 @@ def __enter__(self: ExperimentTracker) -> Self:
                                                   _sqlite_artifact_location(self.tracking_uri),
                                                   where="ExperimentTracker")
     existing = _existing_run(self.client, self.run_name, self.resume, self.experiment_id, self.tracking_uri)
-    self.git_state = get_git_state(self.repo_path, self.max_untracked_bytes, self.exclude_untracked)
+    self.git_state = get_git_state(self.repo_path, self.max_untracked_bytes, self.exclude_untracked,
+                                   self.clean_notebooks)
     self.notebook_path = find_notebook_path() if self.log_notebook else None
     self._notebook_mtime = self.notebook_path.stat().st_mtime_ns if self.notebook_path else None
+    cells = executed_cells() if self.log_notebook and _shell() is not None else None
+    if self.notebook_path is not None and cells and (problem := saved_notebook_problem(self.notebook_path, cells[-1][1])):
+        warnings.warn(f"ExperimentTracker: the saved notebook {self.notebook_path} {problem}; it is logged as saved, "
+                      f"and the {len(cells)} cells this kernel executed are logged beside it as {EXECUTED_CELLS}.ipynb "
+                      "and .py. Save the notebook (Ctrl+S) before starting a run to log its current version too.",
+                      NotebookNotSavedWarning, stacklevel=2)
     generated = self.run_name is None
     self.run_name = self.run_name or generate_run_id(self.client)
     tags = {_RLAB_ID_TAG: self.run_name, **_git_tags(self.git_state, existing is not None), **self.tags}
     if self.notebook_path is not None:
         tags["rlab.notebook"] = _tag(str(self.notebook_path))
     mlflow.set_tracking_uri(self.tracking_uri)
-    if existing is None:
-        self.active_run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.run_name, tags=tags)
-    else:
-        self.active_run = mlflow.start_run(run_id=existing.info.run_id)
+    self._restore_log_level = _set_log_level(self.mlflow_log_level)
+    try:
+        if existing is None:
+            self.active_run = mlflow.start_run(experiment_id=self.experiment_id, run_name=self.run_name, tags=tags)
+        else:
+            self.active_run = mlflow.start_run(run_id=existing.info.run_id)
+    except BaseException:
+        self._restore_log_level()
+        raise
     self.run_id = self.active_run.info.run_id
     try:
         if existing is not None:
             mlflow.set_tags({**tags, "rlab.resumed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         if generated:
             self.run_name = _settle_run_id(self.client, self.run_id, self.run_name)
-        _log_run_files(self.git_state, self.notebook_path, resumed=existing is not None)
+        if existing is not None:
+            self._resume_stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        _log_run_files(self.git_state, self.notebook_path, cells, self._resume_stamp)
+        self._cells_logged = None if cells is None else len(cells)
         if self.config is not None:
             self.log_config(self.config)
     except BaseException as e:
@@ -311,7 +453,11 @@ def _end(self: ExperimentTracker, status: str) -> None:
     if self.active_run is not None and self.run_id is not None:
         self.active_run, self.status = None, status
         _relog_saved_notebook(self.client, self.run_id, self.notebook_path, self._notebook_mtime)
-        _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {redact(self.tracking_uri)}")
+        _relog_executed_cells(self.client, self.run_id, self._cells_logged, self._resume_stamp)
+        try:
+            _end_run(self.run_id, status, self.client, f"{self.run_name!r} ({self.run_id}) in {redact(self.tracking_uri)}")
+        finally:
+            self._restore_log_level()
 
 # %% ../../nbs/11_tracking_tracker.ipynb #ddf8358d
 @patch

@@ -5,6 +5,7 @@
 # %% ../../nbs/10_tracking_utils.ipynb #b9934d9d
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -32,8 +33,9 @@ from researchlab.design.mlflow_rules import (
 from ..design.core import Config
 
 # %% auto #0
-__all__ = ['SECRET_PATTERNS', 'GitStateWarning', 'GitState', 'patch_bytes', 'strip_url_credentials', 'get_git_state',
-           'find_run_by_rlab_id', 'generate_run_id', 'log_flattened_params', 'active_run_id', 'sanitize_param_key']
+__all__ = ['SECRET_PATTERNS', 'GitStateWarning', 'GitState', 'patch_bytes', 'strip_url_credentials', 'clean_notebook',
+           'get_git_state', 'find_run_by_rlab_id', 'generate_run_id', 'log_flattened_params', 'active_run_id',
+           'sanitize_param_key']
 
 # %% ../../nbs/10_tracking_utils.ipynb #21eff6b1
 class GitStateWarning(UserWarning):
@@ -51,6 +53,7 @@ class GitState(TypedDict):
     excluded: dict[str, str]  # untracked paths left out because their name looks like a secret -> the pattern
     submodules: dict[str, str]  # submodule path -> its checked-out commit (its own uncommitted edits are not captured)
     repo_root: str  # absolute path of the work tree's top level
+    cleaned_notebooks: list[str]  # changed notebooks whose outputs (and metadata noise) the patch leaves as at base_commit
 
 
 def patch_bytes(state: GitState,  # a git state from `get_git_state`
@@ -192,6 +195,83 @@ def _submodule_commits(root: str, env: Mapping[str, str]) -> dict[str, str]:
                 subs[path] = meta.split()[1].decode()
     return subs
 
+# %% ../../nbs/10_tracking_utils.ipynb #c0ffee02
+_CELL_NOISE = ("execution", "ExecuteTime", "collapsed", "scrolled", "jupyter", "hidden", "heading_collapsed")
+_NOTEBOOK_NOISE = ("kernelspec", "language_info", "widgets", "vscode", "toc", "varInspector", "interpreter")
+
+
+def _dump_like(nb: object, original: str) -> str:
+    "`nb` as JSON in the format (indent, key order, escapes, final newline) that writes `original` back exactly."
+    tail = original[len(original.rstrip("\n")):]
+    second = original.split("\n", 2)[1] if original.count("\n") > 1 else " "
+    indent = len(second) - len(second.lstrip(" ")) or 1
+    orig = json.loads(original)
+    for sort_keys in (True, False):
+        for ascii in (False, True):
+            if json.dumps(orig, indent=indent, sort_keys=sort_keys, ensure_ascii=ascii) + tail == original:
+                return json.dumps(nb, indent=indent, sort_keys=sort_keys, ensure_ascii=ascii) + tail
+    return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"  # Jupyter's own format
+
+
+def _keep_noise(meta: dict, base: dict, keys: Sequence[str]) -> None:
+    "Set `meta`'s noisy `keys` to their values in `base` (removed where `base` has none)."
+    for k in keys:
+        if k in base:
+            meta[k] = base[k]
+        else:
+            meta.pop(k, None)
+
+# %% ../../nbs/10_tracking_utils.ipynb #c0ffee03
+def clean_notebook(text: bytes,  # the notebook file as saved (JSON)
+                   base: bytes | None = None,  # the same notebook at the base commit; None for a new file
+                   ) -> bytes:
+    "`text` with each cell's outputs, execution count and metadata noise as in `base` (none for new cells)."
+    try:
+        source, nb = text.decode("utf-8"), json.loads(text)
+        old = json.loads(base) if base else {}
+    except ValueError:  # not UTF-8 JSON: captured as it is
+        return text
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list) or not isinstance(old, dict):
+        return text
+    old_cells = [c for c in old.get("cells", []) if isinstance(c, dict)]
+    by_id = {c["id"]: c for c in old_cells if isinstance(c.get("id"), str)}
+    for i, cell in enumerate(c for c in nb["cells"] if isinstance(c, dict)):
+        was = by_id.get(cell["id"]) if "id" in cell else (old_cells[i] if i < len(old_cells) else None)
+        was = was if was is not None and was.get("cell_type") == cell.get("cell_type") else {}
+        if cell.get("cell_type") == "code":
+            cell["outputs"], cell["execution_count"] = was.get("outputs", []), was.get("execution_count")
+        if isinstance(cell.get("metadata"), dict):
+            _keep_noise(cell["metadata"], was.get("metadata") or {}, _CELL_NOISE)
+    if isinstance(nb.get("metadata"), dict):
+        keys = _NOTEBOOK_NOISE if base else tuple(k for k in _NOTEBOOK_NOISE if k != "kernelspec")
+        _keep_noise(nb["metadata"], old.get("metadata") or {}, keys)
+    return _dump_like(nb, source).encode("utf-8")
+
+# %% ../../nbs/10_tracking_utils.ipynb #c0ffee05
+def _clean_changed_notebooks(root: str, env: Mapping[str, str], base: str | None) -> list[str]:
+    "Stage `clean_notebook` of each changed notebook in the temporary index; return their paths."
+    against = base or _git(["hash-object", "-t", "tree", "--stdin"], root, env, stdin=b"").decode().strip()
+    globbing = {k: v for k, v in env.items() if k != "GIT_LITERAL_PATHSPECS"}  # only notebooks are listed
+    out = _git(["diff", "--name-status", "--no-renames", "-z", "--diff-filter=AM", against, "--",
+                ":(glob,icase)**/*.ipynb"], root, globbing).split(b"\0")
+    entries = []
+    for status, raw in zip(out[0::2], out[1::2]):
+        path = os.fsdecode(raw)
+        full = os.path.join(root, path)
+        if os.path.islink(full) or not os.path.isfile(full):
+            continue
+        with open(full, "rb") as f:
+            text = f.read()
+        old = _git(["cat-file", "blob", f"{base}:{path}"], root, env) if status == b"M" and base else None
+        cleaned = clean_notebook(text, old)
+        if cleaned != text:
+            sha = _git(["hash-object", "-w", "--no-filters", "--stdin"], root, env, stdin=cleaned).decode().strip()
+            mode = "100755" if os.stat(full).st_mode & 0o100 else "100644"
+            entries.append((path, f"{mode} {sha}\t".encode() + raw))
+    if entries:
+        _git(["update-index", "-z", "--index-info"], root, env, stdin=b"\0".join(e for _, e in entries) + b"\0")
+    return [p for p, _ in entries]
+
 # %% ../../nbs/10_tracking_utils.ipynb #6afdd3f6
 _DIFF_ARGS = ["diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv", "--no-relative",
               "--src-prefix=a/", "--dst-prefix=b/", "--submodule=short", "--ignore-submodules=dirty"]
@@ -200,6 +280,7 @@ _DIFF_ARGS = ["diff", "--binary", "--no-color", "--no-ext-diff", "--no-textconv"
 def get_git_state(repo_path: str | os.PathLike = ".",  # a folder inside the work tree
                   max_untracked_bytes: int = 5 * 2**20,  # untracked files larger than this are left out
                   exclude_untracked: Sequence[str] | None = None,  # globs of untracked files kept out; None: SECRET_PATTERNS
+                  clean_notebooks: bool = True,  # leave outputs of changed notebooks as at the base commit
                   ) -> GitState | None:
     "Base commit plus a patch of staged, unstaged and untracked changes; the user's index and tree are untouched."
     exclude = SECRET_PATTERNS if exclude_untracked is None else exclude_untracked
@@ -236,7 +317,11 @@ def get_git_state(repo_path: str | os.PathLike = ".",  # a folder inside the wor
                 _git(["update-index", "--add", "--remove", "--info-only", "-z", "--stdin"], root, env,
                      stdin=b"\0".join(os.fsencode(p) for p in keep))
             against = base or _git(["hash-object", "-t", "tree", "--stdin"], root, env, stdin=b"").decode().strip()
-            patch = _git(_DIFF_ARGS + [against], root, env)
+            notebooks = _clean_changed_notebooks(root, env, base) if clean_notebooks else []
+            patch = _git(_DIFF_ARGS + [against], root, env) if not notebooks else \
+                _git(_DIFF_ARGS + [against, "--"] + [f":(exclude,literal){p}" for p in notebooks], root,
+                     {k: v for k, v in env.items() if k != "GIT_LITERAL_PATHSPECS"}) + \
+                _git(_DIFF_ARGS + ["--cached", against, "--"] + notebooks, root, env)
             submodules = _submodule_commits(root, env)
     except Exception as e:  # a broken repository must not stop the run: say what failed, record no state
         warnings.warn(f"get_git_state: could not capture the git state of {root}: {type(e).__name__}: {e}",
@@ -253,7 +338,8 @@ def get_git_state(repo_path: str | os.PathLike = ".",  # a folder inside the wor
                       GitStateWarning, stacklevel=2)
     return GitState(base_commit=base, patch=patch.decode("utf-8", "surrogateescape"),
                     is_dirty=bool(patch or skipped or excluded), branch=branch, remote_url=remote, skipped=skipped,
-                    excluded=excluded, submodules=submodules, repo_root=root)
+                    excluded=excluded, submodules=submodules, repo_root=root,
+                    cleaned_notebooks=notebooks)
 
 # %% ../../nbs/10_tracking_utils.ipynb #8ca1fec0
 _ADJECTIVES = ("agile", "amber", "ancient", "arctic", "azure", "bold", "brave", "bright", "calm", "clever",
