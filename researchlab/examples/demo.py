@@ -123,14 +123,16 @@ _USAGE = """usage: rlab demo [key=value ...] [--resume RUN_ID]
        rlab demo --help
 
 Train PPO on CartPole-v1 (gymnax) and track it in MLflow. Ctrl-C stops after the current update and
-leaves a checkpoint; `rlab demo --resume RUN_ID` continues it."""
+leaves a checkpoint; `rlab demo --resume RUN_ID` continues it, here or on another machine
+(from the checkpoint logged to the MLflow run)."""
 
 
 def demo_help() -> str:
     "The `rlab demo --help` text: usage and every option with its default."
     rows = [f"  {f'{name}={field.default}':<34} {field.description or ''}" for name, field in DemoCLIConfig.model_fields.items()]
-    return _USAGE + "\n\noptions (key=value):\n" + "\n".join(rows) + \
-        f"\n\n  {'--resume RUN_ID':<34} continue the run RUN_ID from its latest checkpoint\n"
+    return (_USAGE + "\n\noptions (key=value):\n" + "\n".join(rows) +
+            f"\n\n  {'--resume RUN_ID':<34} continue run RUN_ID from its latest checkpoint (local, else MLflow's);"
+            f"\n  {'':<34} with total_steps=N, extend a finished run\n")
 
 # %% ../../nbs/31a_demo.ipynb #cebcb43e
 ARTIFACT_DIR = "rlab-demo"  # the run's artifact folder: config.json, cli.json and checkpoint/
@@ -151,7 +153,12 @@ class LoggingPersister(EquinoxPersister):
         self.client, self.run_id, self.max_bytes, self.min_interval_s = client, run_id, max_bytes, min_interval_s
         self.slot, self.logged_step, self._last, self._said = slot, None, -float("inf"), set()
 
-    def save(self, state: object, config: object, step: int, path: str | Path) -> Path:
+    def save(self,
+             state: object,  # the State (a PyTree) to store
+             config: object,  # the run's Config (or None)
+             step: int,  # the step the State is at
+             path: str | Path,  # the file to write; its folder must exist
+             ) -> Path:  # the path written
         "Write the checkpoint file (as `EquinoxPersister`), then log it unless one was logged less than `min_interval_s` ago."
         written = super().save(state, config, step, path)
         if time.monotonic() - self._last >= self.min_interval_s:
@@ -549,7 +556,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def demo_main(argv: Sequence[str],  # the arguments after `rlab demo`
-              ) -> int:  # 0 done (or already finished), 2 bad command line, 75 run busy, 128 + signal number when interrupted
+              ) -> int:  # 0 done (or finished already), 2 bad command line, 69 no tracking server, 75 run busy, 128 + signal
     "`rlab demo [key=value ...] [--resume RUN_ID] [--help]`; SIGTERM is handled like Ctrl-C."
     try:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -591,6 +598,9 @@ def _demo_main(args: list[str]) -> int:
     except RunLocked as e:
         print(f"rlab demo: {e}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: try again later
+    except ConnectionError as e:  # the tracking server does not answer (TrackingServerUnreachable says which)
+        print(f"rlab demo: {e}", file=sys.stderr)
+        return 69  # EX_UNAVAILABLE
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
         print(f"\nrlab demo: interrupted ({signal.Signals(signum).name}) outside training; its MLflow run, if it "
