@@ -445,9 +445,9 @@ def _train(cli: DemoCLIConfig, config: PPOConfig, resume: str | None, plan: _Res
         common = dict(telemetry=telemetry, log_every=cli.log_every, save_every=cli.save_every, progress=False,
                       log_config=False, steps_per_call=_steps_per_call(cli.save_every), persister=persister,
                       checkpoint_dir=ckpt)
-        state = None
+        state = init_ppo(config)  # a new run's start, or the structure a checkpoint is loaded into
         if resume and not start_over:
-            state, _, _ = CheckpointManager(ckpt, persister, create=False).restore(init_ppo(config), PPOConfig)
+            state, _, _ = CheckpointManager(ckpt, persister, create=False).restore(state, PPOConfig)
         loop = ppo_loop(config, state, **common)
         try:
             if progress:
