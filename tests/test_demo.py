@@ -26,17 +26,23 @@ def _rlab(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedPr
                           capture_output=True, timeout=timeout)
 
 
+def _make_project(path: Path) -> Path:
+    "A git repository with one commit and an uncommitted change, as a user's project would be."
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    (path / ".gitignore").write_text("mlflow.db\nruns/\nmlflow-spool/\n")
+    (path / "train.py").write_text("print('hello')\n")
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], cwd=path,
+                   check=True)
+    (path / "train.py").write_text("print('hello, changed')\n")
+    return path
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     "A git repository with one commit and an uncommitted change, as a user's project would be."
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    (tmp_path / ".gitignore").write_text("mlflow.db\nruns/\nmlflow-spool/\n")
-    (tmp_path / "train.py").write_text("print('hello')\n")
-    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], cwd=tmp_path,
-                   check=True)
-    (tmp_path / "train.py").write_text("print('hello, changed')\n")
-    return tmp_path
+    return _make_project(tmp_path)
 
 
 def _runs(cwd: Path) -> list:
@@ -124,3 +130,118 @@ def test_demo_ctrl_c_then_resume_is_tracked(project: Path):
     assert "hello, changed" in patch
     config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(project / "dl"))).read_text()
     assert "total_steps: 500000" in config
+
+
+def _interrupt_after_first_checkpoint(cwd: Path, *args: str) -> tuple[str, str, int]:
+    "Start `rlab demo ARGS` in `cwd`, Ctrl-C it once its first checkpoint is on disk; `(stdout, stderr, returncode)`."
+    proc = subprocess.Popen([sys.executable, "-m", "researchlab.cli", "demo", *args], cwd=cwd, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(cwd.glob("runs/*/checkpoints/ckpt_*.eqx")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return out, err, proc.returncode
+
+
+def test_demo_resumes_on_a_fresh_folder_from_mlflow_alone(tmp_path: Path, mlflow_server):
+    """Ctrl-C on machine A; --resume in a fresh folder B (no runs/, another git repo) from the MLflow server's logged
+    config and checkpoint; every metric point and the final State equal an uninterrupted run's, bit for bit."""
+    import equinox as eqx
+    import jax
+    import numpy as np
+
+    from researchlab.design.infra import EquinoxPersister
+    from researchlab.examples.ppo import PPOConfig, init_ppo, ppo_loop
+
+    uri = mlflow_server.uri
+    a, b = _make_project(tmp_path / "machine-a"), _make_project(tmp_path / "machine-b")
+    out, err, rc = _interrupt_after_first_checkpoint(a, "seed=3", "save_every=5", "log_every=5", "video=false",
+                                                     f"tracking_uri={uri}")
+    assert rc == 130, (out[-2000:], err[-3000:])
+    run_id = re.search(r"continue with: rlab demo --resume (\S+) tracking_uri=(\S+)", out).group(1)
+    stopped_at = int(re.search(r"interrupted at update (\d+)", out).group(1))
+    assert stopped_at % 5 == 0 and 5 <= stopped_at < 976, out  # calls of 5 updates: stops on a multiple of 5
+    assert "on any machine: its checkpoint is logged to the MLflow run" in out, out
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(re.search(r"\(MLflow run (\w+)\)", out).group(1))
+    link = f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert f"rlab demo: run {run_id} (MLflow run {run.info.run_id}); see it with: {link}" in out, out
+    assert run.info.status == "KILLED" and run.data.tags["rlab.run_id"] == run_id
+    assert run.data.tags["rlab.resume_command"] == f"rlab demo --resume {run_id} tracking_uri={uri}"
+    assert run.data.tags["rlab.checkpoint_step"] == str(stopped_at)
+
+    res = _rlab(b, "demo", "--resume", run_id, f"tracking_uri={uri}")
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    assert (f"holds no local checkpoint; continuing from the checkpoint of update {stopped_at} logged to the MLflow "
+            f"run") in res.stdout, res.stdout
+    assert f"run id:       {run_id}" in res.stdout and "after 976 updates" in res.stdout, res.stdout
+    assert f"browse it:    {link}" in res.stdout, res.stdout
+    assert not list(a.glob("runs/*/checkpoints/ckpt_0000000976.eqx"))  # A's folder was not used
+    final = b / "runs" / run_id / "checkpoints" / "ckpt_0000000976.eqx"
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "rlab.resume_command" not in run.data.tags, run.data.tags
+
+    config = PPOConfig(seed=3)  # the same run straight through, in this process
+    straight = ppo_loop(config, log_every=5, steps_per_call=5, progress=False)
+    straight.run(config.num_updates)
+    for name in straight.history[-1]:
+        if name == "step":
+            continue
+        logged = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+        assert sorted(logged) == [(r["step"], r[name]) for r in straight.history], name
+    state, _, step = EquinoxPersister().load(final, init_ppo(config), PPOConfig)
+    assert step == 976
+    for x, y in zip(jax.tree.leaves(eqx.filter(state, eqx.is_array)), jax.tree.leaves(eqx.filter(straight.state, eqx.is_array))):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_demo_resume_of_a_finished_run(project: Path):
+    "A finished run: --resume says so in one line and touches nothing; only a larger total_steps continues it."
+    res = _rlab(project, "demo", "total_steps=2048", "log_every=1", "save_every=2", "video=false")  # 4 updates
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_id = re.search(r"run id:\s+(\S+)", res.stdout).group(1)
+    client, (run,) = _runs(project)
+    before = sorted(_artifacts(client, run.info.run_id))
+    assert "rlab.resume_command" not in run.data.tags  # finished: nothing to resume
+
+    res = _rlab(project, "demo", "--resume", run_id)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == (f"rlab demo: run {run_id} is finished (4 updates, total_steps=2048); nothing to resume. To "
+                          f"train it longer: rlab demo --resume {run_id} total_steps=N with N >= 2560\n"), res.stdout
+    client, (run,) = _runs(project)
+    assert run.info.status == "FINISHED" and sorted(_artifacts(client, run.info.run_id)) == before
+    assert "rlab.resumed_at" not in run.data.tags
+
+    for bad, says in (("total_steps=2048", "total_steps=2048 (4 updates) does not extend run"),
+                      ("total_steps=100", "invalid options: total_steps = 100 is less than one update")):
+        res = _rlab(project, "demo", "--resume", run_id, bad)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and says in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+
+    res = _rlab(project, "demo", "--resume", run_id, "total_steps=4096")  # 8 updates: 4 more
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "after 8 updates" in res.stdout, res.stdout
+    client, (run,) = _runs(project)
+    assert run.info.status == "FINISHED" and run.data.tags["rlab.extended"] == "total_steps 2048 -> 4096"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "env_steps")] == list(range(1, 9))
+    assert (project / "runs" / run_id / "checkpoints" / "ckpt_0000000008.eqx").is_file()
+    assert '"total_steps": 4096' in (project / "runs" / run_id / "config.json").read_text()
+
+
+@pytest.mark.xfail(strict=True, reason="the Loop's Ctrl-C wording ('stopping after the step in progress', then "
+                                       "'stopped at step N') is P1's to fix in nbs/09_loop.ipynb; remove this mark "
+                                       "when both messages name the same step")
+def test_demo_ctrl_c_messages_agree(project: Path):
+    "What Ctrl-C announces ('stopping after step N') is where the run stops ('stopped at step N', 'update N')."
+    out, err, rc = _interrupt_after_first_checkpoint(project, "save_every=5", "video=false")
+    assert rc == 130, (out[-2000:], err[-3000:])
+    stopped = int(re.search(r"interrupted at update (\d+)", out).group(1))
+    assert f"stopped at step {stopped}" in out, out
+    announced = re.search(r"stopping after step (\d+)", out)
+    assert announced is not None and int(announced.group(1)) == stopped, out

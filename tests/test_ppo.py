@@ -1,6 +1,7 @@
 """PPO on gymnax CartPole (researchlab.examples.ppo) and the jnp CartPole renderer: learning, resumability through the
 Loop and a real checkpoint, and clear errors for bad input."""
 
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -21,10 +22,14 @@ from researchlab.examples.cartpole_render import (
     render_frames,
 )
 from researchlab.examples.ppo import (
+    PastScheduleWarning,
     PPOConfig,
     collect_rollout,
     init_ppo,
     make_ppo_env,
+    past_schedule_warning,
+    ppo_loop,
+    ppo_lr_schedule,
     ppo_step,
     rollout_episode,
 )
@@ -140,3 +145,57 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(TypeError, match="got dict"):
         CartPoleVisualizer(64, 96).render({"x": 0.0})
     assert NoBatch().get_batch(init_ppo(SMALL)) is None and next(NoBatch()) is None
+
+
+def test_lr_schedule_is_purejaxrl_inside_the_run_and_never_negative():
+    "Inside the run: PureJaxRL's `lr * (1 - update / num_updates)`, bit for bit; past it: 0, never negative."
+    cfg = PPOConfig(num_envs=2, num_steps=16, total_steps=160)  # 5 updates of 16 gradient steps
+    schedule = jax.jit(ppo_lr_schedule(cfg))
+    counts = jnp.arange(0, 40 * 16)  # 8 times the run's length
+    lr = np.asarray(jax.vmap(schedule)(counts))
+    inside = np.asarray(counts < cfg.num_updates * 16)
+    purejaxrl = np.asarray(cfg.lr * (1.0 - (counts // 16) / cfg.num_updates))
+    np.testing.assert_array_equal(lr[inside], purejaxrl[inside])
+    assert (lr >= 0).all() and (lr[~inside] == 0).all(), lr[~inside]
+    assert lr[inside].min() > 0  # the last update of the run still learns
+
+
+def _model_leaves(loop: Loop) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(loop.state.model, eqx.is_array))]
+
+
+@pytest.mark.parametrize("drive", ["run", "steps"])
+def test_past_the_schedule_warns_once_and_keeps_the_policy(drive: str):
+    "A PPO Loop driven past num_updates warns once (run or steps alike) and its model no longer changes."
+    tiny = PPOConfig(num_envs=2, num_steps=16, total_steps=96, hidden=8)  # 3 updates
+    loop = ppo_loop(tiny, progress=False, log_every=1)
+
+    def go(n: int) -> None:
+        if drive == "run":
+            loop.run(n)
+        else:
+            for _ in loop.steps(n):
+                pass
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        go(3)
+        assert not caught, [str(w.message) for w in caught]  # the whole run: no warning
+        trained = _model_leaves(loop)
+        go(2)
+        go(2)
+    assert [w.category for w in caught] == [PastScheduleWarning], [str(w.message) for w in caught]
+    assert "at update 4, past the run's length of 3 updates (total_steps=96)" in str(caught[0].message)
+    for a, b in zip(trained, _model_leaves(loop)):
+        np.testing.assert_array_equal(a, b)
+    assert loop.step_count == 7 and loop.history[-1]["step"] == 7  # it kept stepping and logging
+
+
+def test_resumed_ppo_loop_warns_past_the_schedule(tmp_path: Path):
+    "The Callback attached by hand to a resumed Loop; a constant lr (anneal_lr=False) says training goes on."
+    cfg = PPOConfig(num_envs=2, num_steps=16, total_steps=64, hidden=8, anneal_lr=False)  # 2 updates
+    ppo_loop(cfg, progress=False, checkpoint_dir=tmp_path).run(2)
+    resumed = Loop.resume(tmp_path, ppo_step, NoBatch(), like=init_ppo(cfg), config=PPOConfig, progress=False,
+                          callbacks=[past_schedule_warning()])
+    with pytest.warns(PastScheduleWarning, match="training goes on at the constant lr=0.00025"):
+        resumed.run(1)

@@ -5,6 +5,7 @@
 # %% ../../nbs/30_ppo.ipynb #ddb04c04
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import equinox as eqx
@@ -15,11 +16,14 @@ import optax
 from pydantic import Field, model_validator
 
 from ..design.core import Clock, Config, State
+from ..design.data import NoBatch
+from ..design.loop import Callback, Loop
 from ..rl import compute_ppo_advantages, compute_ppo_loss
 
 # %% auto #0
-__all__ = ['PPOConfig', 'Dense', 'ActorCritic', 'PPOState', 'make_ppo_env', 'make_ppo_optimizer', 'init_ppo', 'PPOTransition',
-           'collect_rollout', 'ppo_loss', 'ppo_step', 'rollout_episode']
+__all__ = ['PPOConfig', 'Dense', 'ActorCritic', 'PPOState', 'make_ppo_env', 'ppo_lr_schedule', 'make_ppo_optimizer', 'init_ppo',
+           'PPOTransition', 'collect_rollout', 'ppo_loss', 'ppo_step', 'PastScheduleWarning', 'past_schedule_warning',
+           'ppo_loop', 'rollout_episode']
 
 # %% ../../nbs/30_ppo.ipynb #da358077
 class PPOConfig(Config):
@@ -155,16 +159,26 @@ def make_ppo_env(config: PPOConfig,  # names the environment (`env_name`)
                          f"(e.g. 'CartPole-v1', 'Acrobot-v1'); see gymnax.registered_envs") from e
 
 
-def make_ppo_optimizer(config: PPOConfig,  # `lr`, `anneal_lr`, `max_grad_norm` and the run's length
-                       ) -> optax.GradientTransformation:  # gradient clipping, then Adam
-    "Global-norm clipping then Adam (eps 1e-5), with the learning rate annealed linearly when asked, on the raveled parameters."
+def ppo_lr_schedule(config: PPOConfig,  # `lr`, `update_epochs`, `num_minibatches` and the run's length
+                    ) -> optax.Schedule:  # Adam's step count -> learning rate
+    r"""The annealed learning rate as a function of Adam's step count $c$ (gradient steps so far):
+
+    $$\text{lr}(c) = \text{lr} \cdot \max\left(1 - \frac{\lfloor c / (\text{epochs} \cdot \text{minibatches}) \rfloor}{\text{num\_updates}}, 0\right)$$
+
+    constant within a PPO update, linear over the run, and 0 (never negative) past its end."""
     per_update = config.update_epochs * config.num_minibatches
 
     def schedule(count: jax.Array) -> jax.Array:
-        return config.lr * (1.0 - (count // per_update) / config.num_updates)
+        return config.lr * jnp.maximum(1.0 - (count // per_update) / config.num_updates, 0.0)
 
-    return optax.flatten(optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                                     optax.adam(schedule if config.anneal_lr else config.lr, eps=1e-5)))
+    return schedule
+
+
+def make_ppo_optimizer(config: PPOConfig,  # `lr`, `anneal_lr`, `max_grad_norm` and the run's length
+                       ) -> optax.GradientTransformation:  # gradient clipping, then Adam
+    "Global-norm clipping then Adam (eps 1e-5), with the learning rate annealed linearly to 0 when asked, on the raveled parameters."
+    lr = ppo_lr_schedule(config) if config.anneal_lr else config.lr
+    return optax.flatten(optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(lr, eps=1e-5)))
 
 
 def init_ppo(config: PPOConfig,  # the run's hyper-parameters
@@ -292,6 +306,41 @@ def ppo_step(state: PPOState,  # the run so far
     metrics.update(episode_return=return_mean, episodes=n_done.astype(jnp.float32),
                    env_steps=(new_state.clock.step * config.batch_size).astype(jnp.float32))
     return new_state, metrics
+
+# %% ../../nbs/30_ppo.ipynb #af4f518b
+class PastScheduleWarning(UserWarning):
+    "A PPO Loop went past its config's `num_updates`."
+
+
+def past_schedule_warning() -> Callback:  # `Callback(1, fn)`: checked after every compiled call
+    "A `Callback` that warns once (`PastScheduleWarning`) when its Loop passes `loop.config.num_updates`."
+    warned = False
+
+    def check(loop: Loop) -> None:
+        nonlocal warned
+        config = loop.config
+        if warned or loop.step_count <= config.num_updates:
+            return
+        warned = True
+        after = ("the annealed learning rate is 0 from there on, so the policy no longer changes (the environments "
+                 "still step and the metrics are still logged)" if config.anneal_lr else
+                 f"training goes on at the constant lr={config.lr}")
+        warnings.warn(f"PPO: the Loop is at update {loop.step_count}, past the run's length of {config.num_updates} "
+                      f"updates (total_steps={config.total_steps}); {after}. To train longer, start a run with a "
+                      f"larger total_steps", PastScheduleWarning, stacklevel=2)
+
+    return Callback(1, check)
+
+
+def ppo_loop(config: PPOConfig,  # the run's hyper-parameters
+             state: PPOState | None = None,  # where to start (default: `init_ppo(config)`)
+             *,
+             callbacks: tuple = (),  # more `Callback`s, after the schedule's
+             **kwargs: object,  # the other `Loop(...)` arguments: telemetry, checkpoint_dir, log_every, ...
+             ) -> Loop:  # a Loop running `ppo_step`, warning once past `config.num_updates`
+    "The `Loop` of a PPO run: `ppo_step` on `NoBatch()`, with `past_schedule_warning()` attached."
+    return Loop(config, init_ppo(config) if state is None else state, ppo_step, NoBatch(),
+                callbacks=(past_schedule_warning(), *callbacks), **kwargs)
 
 # %% ../../nbs/30_ppo.ipynb #0e283829
 def rollout_episode(model: ActorCritic,  # the policy, played greedily (argmax action)
