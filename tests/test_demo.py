@@ -125,8 +125,8 @@ def test_demo_ctrl_c_then_resume_is_tracked(project: Path):
     assert steps == list(range(5, 976, 5))  # before and after the interruption, each update once
     assert "episode_return" in run.data.metrics and "eval_episode_length" in run.data.metrics
     arts = _artifacts(client, run.info.run_id)
-    assert {"git.patch", "config.yaml", "videos/episode.mp4"} <= set(arts), arts
-    patch = Path(client.download_artifacts(run.info.run_id, "git.patch", str(project / "dl"))).read_text()
+    assert {"git.patch.txt", "config.yaml", "videos/episode.mp4"} <= set(arts), arts
+    patch = Path(client.download_artifacts(run.info.run_id, "git.patch.txt", str(project / "dl"))).read_text()
     assert "hello, changed" in patch
     config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(project / "dl"))).read_text()
     assert "total_steps: 500000" in config

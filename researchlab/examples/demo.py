@@ -28,7 +28,7 @@ from typing_extensions import Self
 
 from ..design.core import Config
 from ..design.infra import EquinoxPersister, MLFlowTelemetry, MultiTelemetry, Telemetry
-from ..design.mlflow_rules import check_reachable, redact
+from ..design.mlflow_rules import check_reachable, redact, run_link
 from ..design.persist import CheckpointError, CheckpointManager
 from ..tracking.tracker import ExperimentTracker
 from ..tracking.utils import find_run_by_rlab_id
@@ -228,14 +228,6 @@ def fetch_logged_checkpoint(client: MlflowClient,  # the tracking store of the r
 _DEFAULT_URI = DemoCLIConfig.model_fields["tracking_uri"].default
 
 
-def _run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    "Where to see MLflow run `run_id`: its page on an http(s) tracking server, else the `mlflow ui` command that serves it."
-    uri = redact(tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {uri}"
-
-
 def resume_command(run_id: str,  # the demo run's id (its `rlab.run_id`)
                    tracking_uri: str = _DEFAULT_URI,  # where the run is tracked; named in the command unless the default
                    ) -> str:  # e.g. `rlab demo --resume 2026-12-02_brave-otter`
@@ -418,7 +410,7 @@ def _train(cli: DemoCLIConfig, config: PPOConfig, resume: str | None, plan: _Res
         client, run_dir = tracker.client, runs / tracker.run_name
         ckpt = run_dir / "checkpoints"
         print(f"rlab demo: run {tracker.run_name} (MLflow run {tracker.run_id}); see it with: "
-              f"{_run_link(tracker.tracking_uri, tracker.experiment_id, tracker.run_id)}", flush=True)
+              f"{run_link(tracker.tracking_uri, tracker.experiment_id, tracker.run_id)}", flush=True)
         if not resume:
             _note_takeover(held.enter_context(RunLock(ckpt, tracker.run_name)))
         files = {"config.json": config, "cli.json": cli} if not resume else plan.files
@@ -538,7 +530,7 @@ def _summary(res: dict[str, object]) -> str:
     if res.get("video"):
         lines.append(f"video:        {res['video']} (greedy episode of {res['eval_episode_length']} steps)")
     lines.append(f"checkpoints:  {res['checkpoint_dir']}")
-    lines.append(f"browse it:    {_run_link(res['tracking_uri'], res['experiment_id'], res['mlflow_run_id'])}")
+    lines.append(f"browse it:    {run_link(res['tracking_uri'], res['experiment_id'], res['mlflow_run_id'])}")
     return "\n".join(lines)
 
 
