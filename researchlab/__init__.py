@@ -61,7 +61,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "Loop",
     ),
     "researchlab.design.widget": (
-        "loop_widget",
+        "loop_widget", "LivePlot", "decimate", "smooth", "primary_metrics",
     ),
     "researchlab.tracking.utils": (
         "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "SECRET_PATTERNS",
