@@ -51,7 +51,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "OrbaxPersister",
     ),
     "researchlab.design.visualizer": (
-        "as_frame", "VideoRecorder", "Visualizer",
+        "as_frame", "VideoRecorder", "Visualizer", "clip_slider", "clips_from_mlflow",
     ),
     "researchlab.design.step_checks": (
         "ClockAccessor", "StateLayout", "check_output", "clock_getter", "find_clock", "split_state",
