@@ -169,7 +169,7 @@ class VideoRecorder:
         if self.num_frames:
             self.close()
 
-# %% ../../nbs/08_visualizer.ipynb #de8a75ea
+# %% ../../nbs/08_visualizer.ipynb #e3d06360
 def _active_run_id() -> str | None:
     "The id of this thread's active MLflow run, or None (also when MLflow was never imported: then there is none)."
     mlflow = sys.modules.get("mlflow")
@@ -310,7 +310,7 @@ class Visualizer(ABC, Generic[S]):
         except Exception as e:  # never raise from a finalizer
             warnings.warn(f"{type(self).__name__}.close() failed during garbage collection: {e}", stacklevel=1)
 
-# %% ../../nbs/08_visualizer.ipynb #948c1280
+# %% ../../nbs/08_visualizer.ipynb #8d53b9a5
 def clip_slider(clips: Mapping[int, str | Path] | Visualizer,  # step -> mp4, or a Visualizer's `clips`
                 width: int | None = None,  # display width of the video in pixels (None: its own)
                 ) -> ipywidgets.VBox:  # the slider (CSS class `clip-slider`), a caption (`clip-caption`), the video (`clip-video`)
@@ -338,7 +338,7 @@ def clip_slider(clips: Mapping[int, str | Path] | Visualizer,  # step -> mp4, or
     show(slider.value)
     return W.VBox([slider, caption, video])
 
-# %% ../../nbs/08_visualizer.ipynb #26cd5edb
+# %% ../../nbs/08_visualizer.ipynb #463cb289
 def clips_from_mlflow(run_id: str,  # the MLflow run whose `videos/step_*.mp4` to fetch
                       dst: str | Path | None = None,  # the folder to download to (None: a new temporary one)
                       artifact_path: str = "videos",  # the run's folder of clips
