@@ -51,7 +51,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "OrbaxPersister",
     ),
     "researchlab.design.visualizer": (
-        "as_frame", "VideoRecorder", "Visualizer",
+        "as_frame", "VideoRecorder", "Visualizer", "clip_slider", "clips_from_mlflow",
     ),
     "researchlab.design.step_checks": (
         "ClockAccessor", "StateLayout", "check_output", "clock_getter", "find_clock", "split_state",
@@ -61,7 +61,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "Loop",
     ),
     "researchlab.design.widget": (
-        "loop_widget",
+        "loop_widget", "LivePlot", "decimate", "smooth", "primary_metrics",
     ),
     "researchlab.tracking.utils": (
         "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "SECRET_PATTERNS",

@@ -95,6 +95,49 @@ def lab_closed_telemetry(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     yield from _lab(tmp_path, [SETUP, CLOSED_TELEMETRY, 'loop.widget(metrics=["loss"], num_steps=40)'])
 
 
+PRIMARY = """
+def three_metrics(state, config, batch):
+    loss, g = jax.value_and_grad(lambda w: jnp.mean((batch["x"] @ w - batch["y"]) ** 2))(state.w)
+    return (RegState(w=state.w - config.lr * g, clock=state.clock),
+            {"loss": loss, "wnorm": jnp.linalg.norm(state.w), "gnorm": jnp.linalg.norm(g)})
+three_metrics.primary_metrics = ("gnorm", "loss")  # not the first logged ones: the widget must use these
+
+named = Loop(Reg(), RegState(w=jnp.zeros(3), clock=Clock()), three_metrics, provider, log_every=1, progress=False)
+named.run(300)
+"""
+
+CLIPS = """
+from researchlab import Visualizer, clip_slider
+
+class Bar(Visualizer):
+    "A bar at the weights' first coordinate; the clip of step s lasts (1 + s // 20) seconds at 10 fps."
+    def draw(self, state):
+        img = np.zeros((48, 64, 3), np.uint8)
+        img[:, 8 + int(abs(float(state.w[0])) * 20) % 48] = 255
+        return img
+    def clip(self, state):
+        return np.stack([self.draw(state)] * (10 * (1 + int(state.clock.step) // 20)))
+
+bar = Bar(clips=True, fps=10)
+filmed = Loop(Reg(), RegState(w=jnp.zeros(3), clock=Clock()), sgd_step, provider, visualizer=bar, render_every=20,
+              progress=False)
+filmed.run(60)
+print("clips at", sorted(bar.clips))
+"""
+
+
+@pytest.fixture
+def lab_plot(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    "A notebook whose Loop's kernel names its primary metrics, shown by `loop.widget()` with no metrics=..."
+    yield from _lab(tmp_path, [SETUP, PRIMARY, "named.widget(num_steps=40)"])
+
+
+@pytest.fixture
+def lab_clips(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    "A notebook that records a clip every 20 steps and shows them with `clip_slider`."
+    yield from _lab(tmp_path, [SETUP, CLIPS, "clip_slider(bar)"])
+
+
 def _lab(tmp_path: Path, cells: list[str]) -> Iterator[tuple[str, Path]]:
     "Start JupyterLab on a notebook of `cells`; yield its URL and the temp folder; stop it afterwards."
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -177,8 +220,9 @@ def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> N
             page.locator("button.run-button").click()  # N = 40
             expect(page.locator(".loop-status")).to_contain_text(f"done at step {stopped + 41}", timeout=60_000)
             expect(counter).to_have_value(str(stopped + 41))
-            # the plot's new PNG is decoded asynchronously after the status text changes: wait for it
-            page.wait_for_function("() => document.querySelector('img.loop-plot')?.naturalWidth > 0", timeout=30_000)
+            # plotly.js draws the new points asynchronously after the status text changes: wait for them
+            page.wait_for_function("() => document.querySelector('.loop-plot .scatterlayer path.js-line')"
+                                   "?.getAttribute('d')?.length > 0", timeout=30_000)
 
             page.locator(".run-steps input").fill("100000")
             page.locator(".run-steps input").press("Enter")
@@ -225,5 +269,89 @@ def test_widget_shows_an_error_of_its_worker_and_gives_the_buttons_back(lab_clos
             expect(page.locator("button.step-button")).to_be_enabled()
             expect(page.locator("button.stop-button")).to_be_disabled()
             expect(page.locator(".step-counter input")).to_have_value("3")  # the steps that ran are kept
+        finally:
+            browser.close()
+
+
+def _run_all(page: object, url: str) -> None:
+    "Open the notebook, wait for its kernel, and run all cells."
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    expect(page.locator(".jp-StatusBar-TextItem", has_text="(ipykernel) | Idle")).to_be_visible(timeout=90_000)
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").click()
+    page.locator('li.lm-Menu-item[data-command="runmenu:run-all"]').click()
+
+
+def test_default_plot_is_sharp_svg_of_the_primary_metrics(lab_plot: tuple[str, Path]) -> None:
+    "The live plot is vector (SVG at its display size, on a 2x screen), shows the kernel's primary metrics, hovers."
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = lab_plot
+    with sync_playwright() as pw:
+        browser = _browser(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, device_scale_factor=2)
+            _run_all(page, url)
+            svg = page.locator(".loop-plot svg.main-svg").first
+            expect(svg).to_be_visible(timeout=90_000)
+            page.wait_for_function("() => document.querySelectorAll('.loop-plot .scatterlayer path.js-line').length >= 2"
+                                   " && [...document.querySelectorAll('.loop-plot .scatterlayer path.js-line')]"
+                                   ".every(p => (p.getAttribute('d') || '').length > 100)", timeout=60_000)
+            titles = page.evaluate("() => [...document.querySelectorAll('.loop-plot .annotation-text')]"
+                                   ".map(t => t.textContent)")
+            assert titles == ["gnorm", "loss"], titles  # the primary metrics, in their order, not the first logged
+            geometry = page.evaluate("""() => {
+                const plot = document.querySelector('.loop-plot');
+                const svg = plot.querySelector('svg.main-svg'), box = svg.getBoundingClientRect();
+                return {dpr: window.devicePixelRatio, w: +svg.getAttribute('width'), h: +svg.getAttribute('height'),
+                        bw: box.width, bh: box.height, bitmaps: plot.querySelectorAll('img, canvas').length,
+                        plotWidth: plot.getBoundingClientRect().width};
+            }""")
+            assert geometry["dpr"] == 2 and geometry["bitmaps"] == 0, geometry  # vector only: sharp at any density
+            assert abs(geometry["w"] - geometry["bw"]) < 1 and abs(geometry["h"] - geometry["bh"]) < 1, geometry
+            # two panels side by side, inside the output area and well under the screen's height
+            assert 600 <= geometry["bw"] <= geometry["plotWidth"] and geometry["bh"] < 600, geometry
+            # hover over the first panel shows plotly's read-out
+            drag = page.locator(".loop-plot .nsewdrag").first
+            drag.scroll_into_view_if_needed()
+            box = drag.bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=4)
+            expect(page.locator(".loop-plot .hoverlayer .hovertext").first).to_be_visible(timeout=10_000)
+            # Run N adds points: the widget's plot follows
+            line = "() => document.querySelector('.loop-plot .scatterlayer path.js-line').getAttribute('d')"
+            before = page.evaluate(line)
+            page.locator("button.run-button").click()
+            expect(page.locator(".loop-status")).to_contain_text("done at step 340", timeout=60_000)
+            page.wait_for_function(f"b => ({line})() !== b", arg=before, timeout=30_000)
+        finally:
+            browser.close()
+
+
+def test_clip_slider_shows_the_clip_of_the_chosen_step(lab_clips: tuple[str, Path]) -> None:
+    "Clips at steps 20, 40, 60 last 2, 3 and 4 s; moving the slider to the left end plays step 20's."
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = lab_clips
+    with sync_playwright() as pw:
+        browser = _browser(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _run_all(page, url)
+            expect(page.locator(".jp-OutputArea-output", has_text="clips at [20, 40, 60]")).to_be_visible(timeout=90_000)
+            caption = page.locator(".clip-caption")
+            expect(caption).to_contain_text("step 60", timeout=60_000)
+            duration = "() => document.querySelector('video.clip-video')?.duration"
+            page.wait_for_function(f"() => ({duration})() > 0", timeout=30_000)
+            assert page.evaluate(duration) == pytest.approx(4.0, abs=0.15)
+            handle = page.locator(".clip-slider .noUi-handle").first.bounding_box()
+            track = page.locator(".clip-slider .noUi-target").first.bounding_box()
+            page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(track["x"] - 20, handle["y"] + handle["height"] / 2, steps=5)
+            page.mouse.up()
+            expect(caption).to_contain_text("step 20", timeout=30_000)
+            expect(caption).to_contain_text("step_000020.mp4")
+            page.wait_for_function(f"() => Math.abs(({duration})() - 2.0) < 0.15", timeout=30_000)
         finally:
             browser.close()

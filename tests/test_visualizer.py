@@ -1,4 +1,5 @@
-"""Visualizer and VideoRecorder: frame validation, real H.264/GIF files, odd sizes, inline HTML, MLflow artifact."""
+"""Visualizer and VideoRecorder: frame validation, real H.264/GIF files, odd sizes, inline HTML, MLflow artifact;
+clips over training (one per render, logged to a real MLflow server, shown with a step slider)."""
 
 import base64
 import re
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from researchlab.design.core import State
-from researchlab.design.visualizer import VideoRecorder, Visualizer, as_frame
+from researchlab import Config, Loop, NoBatch
+from researchlab.design.core import Clock, State
+from researchlab.design.visualizer import VideoRecorder, Visualizer, as_frame, clip_slider, clips_from_mlflow
 
 
 class Ball(State):
@@ -187,3 +189,107 @@ def test_close_and_del_finish_the_recording(tmp_path: Path) -> None:
         viz.render(Ball(jnp.int32(i), jnp.int32(i)))
     del viz  # __del__ closes the recorder, so the file is complete
     assert iio.imread(tmp_path / "del.mp4").shape[0] == 3
+
+
+# ---- clips over training -------------------------------------------------------------------------
+class Walker(State):
+    x: jax.Array
+    clock: Clock
+
+
+class WalkerViz(Visualizer[Walker]):
+    "A frame shows the position as a bright column; a clip lasts 1 + step // 5 frames."
+
+    def draw(self, state: Walker) -> np.ndarray:
+        img = np.zeros((16, 32, 3), np.uint8)
+        img[:, int(state.x) % 32] = 255
+        return img
+
+    def clip(self, state: Walker) -> np.ndarray:
+        n = 1 + int(state.clock.step) // 5
+        return np.stack([self.draw(state)] * n)
+
+
+class WalkCfg(Config):
+    speed: int = 1
+
+
+def walk_step(state: Walker, config: WalkCfg, batch: object) -> tuple[Walker, dict]:
+    return Walker(x=state.x + config.speed, clock=state.clock), {"x": state.x.astype(jnp.float32)}
+
+
+def walk_loop(viz: WalkerViz) -> Loop:
+    return Loop(WalkCfg(), Walker(x=jnp.int32(0), clock=Clock()), walk_step, NoBatch(), visualizer=viz,
+                render_every=5, log_every=1, progress=False)
+
+
+def test_render_every_records_one_clip_per_render_logged_to_the_run(tmp_path: Path, mlflow_server) -> None:
+    "The Loop's render_every: a clip per render, kept by step, logged as videos/step_NNNNNN.mp4, fetched back."
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    try:
+        with mlflow.start_run(experiment_id=mlflow.create_experiment(f"clips-{tmp_path.name}")) as run:
+            viz = WalkerViz(clips=True, fps=10, clips_dir=tmp_path / "clips")
+            walk_loop(viz).run(12)
+        assert sorted(viz.clips) == [5, 10]
+        assert [len(iio.imread(viz.clips[s])) for s in (5, 10)] == [2, 3]
+        names = [f.path for f in MlflowClient().list_artifacts(run.info.run_id, "videos")]
+        assert names == ["videos/step_000005.mp4", "videos/step_000010.mp4"]
+        back = clips_from_mlflow(run.info.run_id, tmp_path / "back")
+        assert list(back) == [5, 10]
+        assert all(back[s].read_bytes() == viz.clips[s].read_bytes() for s in back)
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_clips_rendered_in_a_thread_go_to_the_run_active_at_creation(tmp_path: Path, sqlite_uri: str) -> None:
+    "The widget renders in a worker thread, which has no active MLflow run: the creator's run gets the clips."
+    import threading
+
+    mlflow.set_tracking_uri(sqlite_uri)
+    try:
+        exp = mlflow.create_experiment("thread-clips", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=exp) as run:
+            viz = WalkerViz(clips=True, clips_dir=tmp_path / "clips")
+            t = threading.Thread(target=lambda: viz.render(Walker(x=jnp.int32(3), clock=Clock(step=jnp.int32(7)))))
+            t.start()
+            t.join()
+        assert [f.path for f in MlflowClient().list_artifacts(run.info.run_id, "videos")] == ["videos/step_000007.mp4"]
+        local = WalkerViz(clips=True, clips_dir=tmp_path / "local")  # no run: the clip is only kept on disk
+        local.render(Walker(x=jnp.int32(0), clock=Clock(step=jnp.int32(1))))
+        assert local.clips[1].exists() and local.run_id is None
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_clip_that_cannot_be_logged_warns_and_stays_on_disk(tmp_path: Path, sqlite_uri: str) -> None:
+    mlflow.set_tracking_uri(sqlite_uri)
+    try:
+        viz = WalkerViz(clips=True, clips_dir=tmp_path / "clips", run_id="0" * 32)  # no such run
+        with pytest.warns(UserWarning, match=r"could not log step_000002.mp4 to MLflow run 0{32} .* stays in"):
+            viz.render(Walker(x=jnp.int32(0), clock=Clock(step=jnp.int32(2))))
+        assert (tmp_path / "clips" / "step_000002.mp4").exists()
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_clip_slider_shows_the_chosen_steps_clip(tmp_path: Path) -> None:
+    viz = WalkerViz(clips=True, clips_dir=tmp_path)
+    walk_loop(viz).run(15)
+    view = clip_slider(viz)
+    slider, caption, video = view.children
+    assert slider.options == (("5", 5), ("10", 10), ("15", 15)) and slider.value == 15
+    assert video.value == viz.clips[15].read_bytes() and video.format == "mp4"
+    slider.value = 5
+    assert video.value == viz.clips[5].read_bytes() and "step 5" in caption.value
+    with pytest.raises(ValueError, match="no clips to show"):
+        clip_slider({})
+
+
+def test_clips_need_a_clip_and_a_step() -> None:
+    with pytest.raises(NotImplementedError, match=r"BallViz.clip\(state\) returned None"):
+        BallViz(clips=True).record_clip(Ball(jnp.int32(0), jnp.int32(0)), step=3)
+    with pytest.raises(TypeError, match="Ball has no .clock"):
+        BallViz(clips=True).render(Ball(jnp.int32(0), jnp.int32(0)))
+    viz = BallViz(clips=True, step_of=lambda s: int(s.x) * 10)
+    with pytest.raises(NotImplementedError):  # the step came from step_of; the clip is still missing
+        viz.render(Ball(jnp.int32(2), jnp.int32(0)))

@@ -6,20 +6,25 @@
 from __future__ import annotations
 
 import base64
+import re
+import sys
 import tempfile
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Generic
+from typing import TYPE_CHECKING, Generic
 
 import jax
 import numpy as np
 
 from .core import S
 
+if TYPE_CHECKING:
+    import ipywidgets
+
 # %% auto #0
-__all__ = ['as_frame', 'VideoRecorder', 'Visualizer']
+__all__ = ['as_frame', 'VideoRecorder', 'Visualizer', 'clip_slider', 'clips_from_mlflow']
 
 # %% ../../nbs/08_visualizer.ipynb #79862e8f
 def as_frame(frame: object,  # an image `[H, W, 3]` (RGB) or `[H, W, 4]` (RGBA), uint8 or float in `[0, 1]`
@@ -164,6 +169,13 @@ class VideoRecorder:
         if self.num_frames:
             self.close()
 
+# %% ../../nbs/08_visualizer.ipynb #e3d06360
+def _active_run_id() -> str | None:
+    "The id of this thread's active MLflow run, or None (also when MLflow was never imported: then there is none)."
+    mlflow = sys.modules.get("mlflow")
+    run = mlflow.active_run() if mlflow is not None and hasattr(mlflow, "active_run") else None
+    return None if run is None else run.info.run_id
+
 # %% ../../nbs/08_visualizer.ipynb #f364fa9c
 class Visualizer(ABC, Generic[S]):
     """Renders States to frames; `show()` displays the last one, `record=True` sends each to `_record`.
@@ -175,10 +187,18 @@ class Visualizer(ABC, Generic[S]):
                  record: bool = False,  # send every rendered frame to `_record` (a VideoRecorder by default)
                  fps: int | None = None,  # frames per second of the recording (None: 30)
                  path: str | Path | None = None,  # the video file of the recording (None: a temporary `.mp4`)
+                 clips: bool = False,  # with each `render(state)`, also record `clip(state)` as a clip of that step
+                 clips_dir: str | Path | None = None,  # the folder of the clips (None: a new temporary one)
+                 log_clips: bool = True,  # log each clip to the MLflow run as `videos/step_000100.mp4`
+                 run_id: str | None = None,  # that run (None: the active one at render, else at creation)
+                 step_of: Callable[[S], int] | None = None,  # the step of a State (None: `state.clock.step`)
                  ):
         self.record, self.fps, self.path = record, fps, path
         self.last_frame: np.ndarray | None = None
         self.recorder: VideoRecorder | None = None
+        self.clips_on, self.clips_dir, self.log_clips, self.step_of = clips, clips_dir, log_clips, step_of
+        self.clips: dict[int, Path] = {}  # step -> its clip's mp4, in the order recorded
+        self.run_id = run_id or _active_run_id()  # a thread has no active run: remember the creator's
 
     @abstractmethod
     def draw(self,
@@ -196,11 +216,13 @@ class Visualizer(ABC, Generic[S]):
     def render(self,
                state: S,  # the State to show
                ) -> np.ndarray:
-        "Draw `state`, validate the frame, keep it for `show()`, and record it when `record` is on."
+        "Draw `state`, validate the frame, keep it for `show()`; record it when `record` is on, and a clip when `clips` is."
         frame = as_frame(self.draw(state), f"{type(self).__name__}.draw")
         self.last_frame = frame
         if self.record:
             self._record(frame)
+        if self.clips_on:
+            self.record_clip(state)
         return frame
 
     def render_batch(self,
@@ -217,6 +239,43 @@ class Visualizer(ABC, Generic[S]):
             for f in frames:
                 self._record(f)
         return frames
+
+    def clip(self,
+             state: S,  # the State to show over a short clip
+             ) -> np.ndarray | None:
+        "Frames `N×H×W×C` of a short clip of `state` (e.g. an episode its policy plays); the base class has none."
+        return None
+
+    def record_clip(self,
+                    state: S,  # the State to record a clip of
+                    step: int | None = None,  # its step (None: `step_of(state)`, else `state.clock.step`)
+                    ) -> Path:
+        "Write `clip(state)` to `clips_dir/step_{step:06d}.mp4`, keep it in `clips` and log it to the MLflow run."
+        name = type(self).__name__
+        if step is None:
+            if self.step_of is None and not hasattr(state, "clock"):
+                raise TypeError(f"{name}.record_clip: {type(state).__name__} has no .clock to read the step from; "
+                                f"pass step=... or create the {name} with step_of=lambda state: ...")
+            step = self.step_of(state) if self.step_of is not None else state.clock.step
+        step = int(step)
+        frames = self.clip(state)
+        if frames is None:
+            raise NotImplementedError(f"{name}.clip(state) returned None: clips=True needs a clip(state) that returns "
+                                      f"frames N×H×W×C (override clip), or create the {name} without clips=True")
+        if self.clips_dir is None:
+            self.clips_dir = Path(tempfile.mkdtemp(prefix="rlab-clips-"))
+        rec = VideoRecorder(Path(self.clips_dir) / f"step_{step:06d}.mp4", fps=self.fps or 30)
+        rec.extend(frames)
+        path = rec.close()
+        self.clips[step] = path
+        run_id = _active_run_id() or self.run_id
+        if self.log_clips and run_id is not None:
+            try:
+                rec.log_to_mlflow("videos", run_id=run_id)
+            except Exception as e:  # a clip that could not be uploaded must not stop the training
+                warnings.warn(f"{name}: could not log {path.name} to MLflow run {run_id} ({type(e).__name__}: {e}); "
+                              f"it stays in {self.clips_dir}", stacklevel=2)
+        return path
 
     def _record(self, frame: np.ndarray) -> None:
         "Recording hook: by default appends to a `VideoRecorder` (created on the first frame)."
@@ -250,3 +309,50 @@ class Visualizer(ABC, Generic[S]):
             self.close()
         except Exception as e:  # never raise from a finalizer
             warnings.warn(f"{type(self).__name__}.close() failed during garbage collection: {e}", stacklevel=1)
+
+# %% ../../nbs/08_visualizer.ipynb #8d53b9a5
+def clip_slider(clips: Mapping[int, str | Path] | Visualizer,  # step -> mp4, or a Visualizer's `clips`
+                width: int | None = None,  # display width of the video in pixels (None: its own)
+                ) -> ipywidgets.VBox:  # the slider (CSS class `clip-slider`), a caption (`clip-caption`), the video (`clip-video`)
+    "A step slider over recorded clips and the video of the chosen step."
+    import ipywidgets as W
+    clips = dict(clips.clips if isinstance(clips, Visualizer) else clips)
+    if not clips:
+        raise ValueError("clip_slider: no clips to show; record some with Visualizer(clips=True) and a Loop's "
+                         "render_every, or load a run's with clips_from_mlflow(run_id)")
+    steps = sorted(clips)
+    slider = W.SelectionSlider(options=[(str(s), s) for s in steps], value=steps[-1], description="step",
+                               continuous_update=False, layout=W.Layout(width="420px"))
+    caption = W.HTML()
+    video = W.Video(format="mp4", autoplay=True, loop=True, controls=True,
+                    layout=W.Layout(width=f"{int(width)}px") if width else W.Layout())
+    for w, cls in [(slider, "clip-slider"), (caption, "clip-caption"), (video, "clip-video")]:
+        w.add_class(cls)
+
+    def show(step: int) -> None:
+        path = Path(clips[step])
+        video.value = path.read_bytes()
+        caption.value = f"step {step}: <code>{path.name}</code>"
+
+    slider.observe(lambda change: show(change["new"]), names="value")
+    show(slider.value)
+    return W.VBox([slider, caption, video])
+
+# %% ../../nbs/08_visualizer.ipynb #463cb289
+def clips_from_mlflow(run_id: str,  # the MLflow run whose `videos/step_*.mp4` to fetch
+                      dst: str | Path | None = None,  # the folder to download to (None: a new temporary one)
+                      artifact_path: str = "videos",  # the run's folder of clips
+                      ) -> dict[int, Path]:  # step -> local mp4, for `clip_slider`
+    "Download the clips logged to an MLflow run (`videos/step_000100.mp4`, ...) and return them by step."
+    import mlflow  # imported here: the design layer does not need MLflow to import
+
+    dst = Path(tempfile.mkdtemp(prefix="rlab-clips-") if dst is None else dst)
+    found = {}
+    for f in mlflow.MlflowClient().list_artifacts(run_id, artifact_path):
+        if m := re.fullmatch(r"step_(\d+)\.mp4", Path(f.path).name):
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f.path, dst_path=str(dst))
+            found[int(m.group(1))] = Path(local)
+    if not found:
+        raise FileNotFoundError(f"clips_from_mlflow: run {run_id} has no {artifact_path}/step_*.mp4 artifacts; "
+                                f"were the clips recorded with Visualizer(clips=True) while the run was active?")
+    return dict(sorted(found.items()))

@@ -117,10 +117,20 @@ class CartPoleVisualizer(Visualizer):
                  record: bool = False,  # record every rendered frame into a video
                  fps: int = 50,  # frames per second of the recording (CartPole's own rate)
                  path: str | Path | None = None,  # the video file (None: a temporary `.mp4`)
+                 config: PPOConfig | None = None,  # the PPO run's config: `clip` plays an episode of its environment
+                 max_steps: int = 500,  # the longest episode a clip shows
+                 clips: bool = False,  # with each `render(state)` of a `PPOState`, record a clip of its policy
+                 clips_dir: str | Path | None = None,  # the folder of the clips (None: a new temporary one)
+                 log_clips: bool = True,  # log each clip to the MLflow run as `videos/step_000100.mp4`
+                 run_id: str | None = None,  # that run (None: the active one at render, else at creation)
                  ):
-        super().__init__(record=record, fps=fps, path=path)
+        super().__init__(record=record, fps=fps, path=path, clips=clips, clips_dir=clips_dir, log_clips=log_clips,
+                         run_id=run_id)
         _check_size(height, width)
-        self.height, self.width = height, width
+        if clips and config is None:
+            raise ValueError("CartPoleVisualizer: clips=True plays an episode of the policy each render, which needs "
+                             "the run's config=PPOConfig(...) (its environment and seed)")
+        self.height, self.width, self.config, self.max_steps = height, width, config, int(max_steps)
 
     def draw(self,
              state: EnvState | PPOState,  # one CartPole state, or a PPO State (its first environment is drawn)
@@ -135,6 +145,22 @@ class CartPoleVisualizer(Visualizer):
         "Frames `(T, H, W, 3)` of CartPole states stacked on the leading axis, in one jitted call."
         return np.asarray(_render_frames(states, height=self.height, width=self.width))
 
+    def clip(self,
+             state: PPOState | EnvState,  # a PPO State (its policy plays the episode); an EnvState has no clip
+             ) -> np.ndarray | None:
+        "Frames of one greedy episode of `state`'s policy, from the same start (`config.seed`) at every step."
+        if not isinstance(state, PPOState):
+            return None
+        if self.config is None:
+            raise ValueError("CartPoleVisualizer.clip: needs config=PPOConfig(...) to play an episode; pass it "
+                             "when creating the visualizer")
+        states, length, _ = _rollout(state.model, self.config, jax.random.key(self.config.seed),
+                                     max_steps=self.max_steps)
+        return self.draw_batch(jax.tree.map(lambda a: a[:max(int(length), 1)], states))
+
+
+_rollout = jax.jit(rollout_episode, static_argnames=("config", "max_steps"))
+
 # %% ../../nbs/32_cartpole_render.ipynb #703c54f1
 def record_episode(model: ActorCritic,  # the policy, played greedily
                    config: PPOConfig,  # the PPO run's config (environment and seed)
@@ -146,8 +172,7 @@ def record_episode(model: ActorCritic,  # the policy, played greedily
                    ) -> tuple[VideoRecorder, int]:
     "Play one greedy episode of `model`, render it and write it as mp4: `(finished VideoRecorder, episode length)`."
     key = jax.random.key(config.seed) if key is None else key
-    states, length, _ = jax.jit(rollout_episode, static_argnames=("config", "max_steps"))(
-        model, config, key, max_steps=max_steps)
+    states, length, _ = _rollout(model, config, key, max_steps=max_steps)
     n = max(int(length), 1)
     vis = CartPoleVisualizer(height, width, record=True, path=path)
     vis.render_batch(jax.tree.map(lambda a: a[:n], states))
