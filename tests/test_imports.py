@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = {"mlflow", "git", "IPython", "matplotlib", "gymnax"}
+HEAVY = {"mlflow", "git", "IPython", "matplotlib", "gymnax", "plotly"}
 
 # the modules whose public names `researchlab` re-exports (their type variables S, C, T excepted)
 LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "researchlab.design.data",

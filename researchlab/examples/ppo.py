@@ -307,6 +307,9 @@ def ppo_step(state: PPOState,  # the run so far
                    env_steps=(new_state.clock.step * config.batch_size).astype(jnp.float32))
     return new_state, metrics
 
+
+ppo_step.primary_metrics = ("episode_return", "loss")  # what the widget plots by default
+
 # %% ../../nbs/30_ppo.ipynb #af4f518b
 class PastScheduleWarning(UserWarning):
     "A PPO Loop went past its config's `num_updates`."
