@@ -77,7 +77,7 @@ def _kill_and_resume(project: Path, trials: int, updates: int, seed: int) -> Non
 
 
 def test_kill_9_after_checkpoints_then_resume_leaves_every_step_once(project: Path):  # noqa: F811
-    _kill_and_resume(project, trials=2, updates=1000, seed=0)
+    _kill_and_resume(project, trials=2, updates=400, seed=0)
 
 
 @pytest.mark.slow
