@@ -43,8 +43,16 @@ def _histories(project: Path) -> tuple[str, dict[str, list[int]]]:  # noqa: F811
                              for k in run.data.metrics}
 
 
+def _logged_past(project: Path, step: int) -> bool:  # noqa: F811
+    "Whether MLflow holds an `env_steps` point past `step` (read while the demo writes)."
+    client, runs = _runs(project)
+    return any(m.step > step for r in runs for m in client.get_metric_history(r.info.run_id, "env_steps"))
+
+
 def _kill_and_resume(project: Path, trials: int, updates: int, seed: int) -> None:  # noqa: F811
-    "Start a demo run, then `trials` times: wait for a new checkpoint, kill -9 at a random moment, `--resume`."
+    """Start a demo run, then `trials` times: kill -9 it after a new checkpoint and `--resume`. Even trials kill at
+    once (the metrics up to the checkpoint must already be durable), odd ones once points past the checkpoint are in
+    MLflow (the resumed run logs those steps again: they must not be there twice)."""
     rng = random.Random(seed)
     proc = _Proc(project, f"total_steps={updates * 512}", "save_every=100", "log_every=10", "video=false", "seed=4")
     proc.wait_for(lambda: bool(list(project.glob("runs/*/cli.json"))), "wrote its run folder")
@@ -52,7 +60,12 @@ def _kill_and_resume(project: Path, trials: int, updates: int, seed: int) -> Non
     ckpt, last, kills = run_dir / "checkpoints", -1, 0
     for trial in range(trials):
         proc.wait_for(lambda: bool(_checkpoints(ckpt)) and _checkpoints(ckpt)[-1] > last, "wrote a new checkpoint")
-        time.sleep(rng.uniform(0.0, 0.6))  # somewhere after the checkpoint, before or after the next ones
+        if trial % 2:
+            at = _checkpoints(ckpt)[-1]
+            proc.wait_for(lambda: _logged_past(project, at) or _checkpoints(ckpt)[-1] > at, "logged past a checkpoint")
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:
+            time.sleep(rng.uniform(0.0, 0.05))
         if proc.proc.poll() is None:
             proc.proc.kill()
             kills += 1
@@ -77,7 +90,7 @@ def _kill_and_resume(project: Path, trials: int, updates: int, seed: int) -> Non
 
 
 def test_kill_9_after_checkpoints_then_resume_leaves_every_step_once(project: Path):  # noqa: F811
-    _kill_and_resume(project, trials=2, updates=400, seed=0)
+    _kill_and_resume(project, trials=2, updates=1000, seed=0)
 
 
 @pytest.mark.slow
