@@ -409,11 +409,21 @@ def steps(self: Loop,
 # %% ../../nbs/09_loop.ipynb #6aa2f708
 @patch
 def save(self: Loop) -> Path | None:  # the checkpoint written, or None when this step is already saved
-    "Checkpoint `(state, config, step)` now, unless this step is already saved; returns the path."
+    "Checkpoint `(state, config, step)` now, unless this step is already saved; the metrics up to this step are "
+    "fetched and made durable first (`telemetry.sync()`), so a crash after the checkpoint loses none. Returns the path."
     if self.checkpoints is None:
         raise ValueError("Loop.save: this Loop has no checkpoint_dir; pass checkpoint_dir=... to Loop(...)")
     if self._saved_step == self.step_count:
         return None
+    self._fetch()
+    if self.telemetry is not None:
+        try:
+            self.telemetry.sync()
+        except Exception as e:  # the State is worth more than the metrics, which loop.history holds
+            import warnings
+            warnings.warn(f"Loop.save: the telemetry {type(self.telemetry).__name__} could not make the metrics up to "
+                          f"step {self.step_count} durable ({type(e).__name__}: {e}); the checkpoint is written "
+                          f"anyway, and the metrics are in loop.history", stacklevel=2)
     leaves, step = self._cur
     path = self.checkpoints.save(self._layout.state(leaves), self.config, step)
     self._saved_step = step

@@ -16,7 +16,8 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -88,15 +89,18 @@ def _is_transient(e: Exception) -> bool:
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #2f77c838
 def _spool_write(path: Path, tracking_uri: str, run_id: str, points: _Points, note: str) -> None:
-    "Append `points` to a JSON-lines spool file (one header line per append; credentials redacted)."
-    with open(path, "a") as f:
-        f.write(json.dumps({"tracking_uri": redact(tracking_uri), "run_id": run_id, "note": redact(note)}) + "\n")
-        for m in points.metrics:
-            f.write(json.dumps({"m": m}) + "\n")
-        for p in points.params:
-            f.write(json.dumps({"p": p}) + "\n")
-        for status, end_time in points.end:
-            f.write(json.dumps({"end": [status, end_time]}) + "\n")
+    "Append `points` to a JSON-lines spool file in one write (a header line first; credentials redacted), then fsync."
+    lines = [json.dumps({"tracking_uri": redact(tracking_uri), "run_id": run_id, "note": redact(note)})]
+    lines += [json.dumps({"m": m}) for m in points.metrics]
+    lines += [json.dumps({"p": p}) for p in points.params]
+    lines += [json.dumps({"end": [status, end_time]}) for status, end_time in points.end]
+    torn = False  # a crash or a full disk during an earlier append may have cut its last line short
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    with open(path, "a") as f:  # the torn line stays alone on its line: upload reports it and sends the rest
+        f.write(("\n" if torn else "") + "\n".join(lines) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -116,78 +120,144 @@ class _Sender:
     "Background thread that batches points into `log_batch` calls, with retry, backoff and spooling."
 
     def __init__(self, tracking_uri: str, run_id: str, interval: float, max_backoff: float,
-                 request_timeout: float, spool_dir: Path, max_pending: int):
+                 request_timeout: float, spool_dir: Path, max_pending: int, existing_run: bool = False):
         from mlflow import MlflowClient
         self.tracking_uri, self.run_id, self.interval, self.max_backoff = tracking_uri, run_id, interval, max_backoff
         self.request_timeout, self.max_pending = request_timeout, max_pending
         self.spool_path = spool_dir / f"mlflow-spool-{run_id}-{int(time.time() * 1000)}.jsonl"
-        self.spilled = 0
+        self.spool_lock = threading.Lock()  # both threads append to the spool file
+        self.spilled = 0  # points written to the spool file (under spool_lock)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending, self.rejected = _Points(), _Points()
+        self.pending, self.rejected, self.overflow = _Points(), _Points(), _Points()
+        self.inflight: _Points | None = None  # the batch on its way to the server
+        self.queued = self.released = 0  # metric points queued (by the caller) and out of memory (by the thread)
+        # steps the run already has, per metric key (None: not asked yet); a run created here has none
+        self.known: dict[str, np.ndarray | None] | None = None if existing_run else {}
         self.nonfinite_warned: set[str] = set()
+        self.warned: set[str] = set()  # one-time warnings already shown
         self.last_error: Exception | None = None
-        self.sent = 0
-        self.closed = False
+        self.sent = self.duplicates = 0
+        self.closed = self.abandoned = False
+        self.lock = threading.Lock()  # held by the thread except while it waits on the queue or the server
         self._stop_at: float | None = None
         self._done = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"rlab-mlflow-{run_id[:8]}", daemon=True)
         self.thread.start()
+
+
+@contextmanager
+def _unlocked(lock: threading.Lock) -> Iterator[None]:
+    "Release `lock` for the body: the thread waits on the queue or on the server without holding it."
+    lock.release()
+    try:
+        yield
+    finally:
+        lock.acquire()
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #d98055d7
 @patch
 def _run(self: _Sender) -> None:
     waiters: list[threading.Event] = []
     backoff, next_try, last_send = 0.0, 0.0, time.monotonic()
-    while True:
-        now = time.monotonic()
-        wait = max(0.0, (next_try if backoff else last_send + self.interval) - now) if len(self.pending) else None
-        if self._stop_at is not None:
-            wait = 0.05 if wait is None else min(wait, 0.05)
-        try:
-            item = self.queue.get(timeout=wait) if wait is None or wait > 0 else self.queue.get_nowait()
-            self._take(item, waiters)
-            while len(self.pending.metrics) < 50_000:
-                self._take(self.queue.get_nowait(), waiters)
-        except queue.Empty:
-            pass
-        except Exception as e:  # the thread must survive anything: a dead sender would lose every point
-            warnings.warn(f"MLFlowTelemetry: unexpected error in the sender thread: {e!r}", stacklevel=1)
-        now = time.monotonic()
-        due = waiters or self._stop_at is not None or len(self.pending.metrics) >= MAX_ENTRIES_PER_BATCH or \
-            now - last_send >= self.interval
-        if len(self.pending) and due and now >= next_try:
-            if self._send_all():
-                backoff, last_send = 0.0, now
-            else:
-                backoff = min(max(2 * backoff, 0.25), self.max_backoff)
-                next_try = time.monotonic() + backoff
-                if self.pending.points > self.max_pending:
-                    self._spill(self.pending.points - self.max_pending // 2)
-        if not len(self.pending) and self.queue.empty():
-            for w in waiters:
-                w.set()
-            waiters.clear()
+    with self.lock:  # close() takes over (abandoned) only while the thread waits
+        while not self.abandoned:
+            now = time.monotonic()
+            wait = max(0.0, (next_try if backoff else last_send + self.interval) - now) if len(self.pending) else None
             if self._stop_at is not None:
+                wait = 0.05 if wait is None else min(wait, 0.05)
+            try:
+                with _unlocked(self.lock):
+                    item = self.queue.get(timeout=wait) if wait is None or wait > 0 else self.queue.get_nowait()
+                if self.abandoned:
+                    break
+                self._take(item, waiters)
+                while len(self.pending.metrics) < 50_000:
+                    self._take(self.queue.get_nowait(), waiters)
+            except queue.Empty:
+                pass
+            except Exception as e:  # the thread must survive anything: a dead sender would lose every point
+                warnings.warn(f"MLFlowTelemetry: unexpected error in the sender thread: {e!r}", stacklevel=1)
+            if self.abandoned:
                 break
-        if self._stop_at is not None and time.monotonic() >= self._stop_at:
-            break
+            now = time.monotonic()
+            due = waiters or self._stop_at is not None or len(self.pending.metrics) >= MAX_ENTRIES_PER_BATCH or \
+                now - last_send >= self.interval
+            if len(self.pending) and due and now >= next_try:
+                if self._send_all():
+                    backoff, last_send = 0.0, now
+                else:
+                    backoff = min(max(2 * backoff, 0.25), self.max_backoff)
+                    next_try = time.monotonic() + backoff
+                    if self.pending.points > self.max_pending and not self.abandoned:
+                        self._spill(self.pending.points - self.max_pending // 2, "spilled during an outage")
+            if self.abandoned:
+                break
+            if not len(self.pending) and self.queue.empty():
+                for w in waiters:
+                    w.set()
+                waiters.clear()
+                if self._stop_at is not None:
+                    break
+            if self._stop_at is not None and time.monotonic() >= self._stop_at:
+                break
     for w in waiters:
         w.set()
     self._done.set()
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #7418ef0c
 @patch
-def _spill(self: _Sender, n: int) -> None:
-    "During a long outage, move the `n` oldest points to the spool file to bound memory."
+def _spool(self: _Sender, points: _Points, note: str) -> None:
+    "Append `points` to this sender's spool file (from either thread)."
+    with self.spool_lock:
+        self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        _spool_write(self.spool_path, self.tracking_uri, self.run_id, points, note)
+        self.spilled += points.points
+
+
+@patch
+def _warn_once(self: _Sender, what: str, message: str) -> None:
+    if what not in self.warned:
+        self.warned.add(what)
+        warnings.warn(redact(message), stacklevel=1)
+
+
+@patch
+def _spill(self: _Sender, n: int, note: str) -> bool:
+    "Move the `n` oldest pending points to the spool file; False (they stay pending) when it cannot be written."
     chunk = self.pending.take(max_total=n, max_params=n)
-    self.spool_path.parent.mkdir(parents=True, exist_ok=True)
-    _spool_write(self.spool_path, self.tracking_uri, self.run_id, chunk, note="spilled during an outage")
-    if not self.spilled:
-        warnings.warn(f"MLFlowTelemetry: {redact(self.tracking_uri)} is still unreachable and over {self.max_pending} "
-                      f"points are waiting; the oldest go to {self.spool_path} (uploaded later with "
-                      f"upload_spool)", stacklevel=1)
-    self.spilled += chunk.points
+    try:
+        self._spool(chunk, note)
+    except OSError as e:
+        self.pending.put_back(chunk)
+        self._warn_once("spool", f"MLFlowTelemetry: cannot write the spool file {self.spool_path} ({e}); the points "
+                                 f"stay in memory (free disk space, or pass another spool_dir)")
+        return False
+    self.released += len(chunk.metrics)
+    if note == "spilled during an outage":
+        self._warn_once("outage", f"MLFlowTelemetry: {self.tracking_uri} is still unreachable and over "
+                                  f"{self.max_pending} points are waiting; the oldest go to {self.spool_path} "
+                                  f"(uploaded later with upload_spool)")
+    return True
+
+
+@patch
+def _points(self: _Sender, metrics: Mapping[str, Scalar], step: int, ts: int) -> list[tuple[str, float, int, int]]:
+    "`(key, value, timestamp, step)` per metric; converting a JAX array waits for the device."
+    out = []
+    for k, v in metrics.items():
+        try:
+            x = float(np.asarray(v, dtype=np.float64).reshape(()))
+        except Exception as e:  # validated in the caller, so only a failed device computation lands here
+            warnings.warn(f"MLFlowTelemetry: metric {k!r} at step {step} could not be read ({e}); "
+                          f"this point is not logged", stacklevel=1)
+            continue
+        if not math.isfinite(x) and k not in self.nonfinite_warned:
+            self.nonfinite_warned.add(k)
+            warnings.warn(f"MLFlowTelemetry: metric {k!r} is {x} at step {step}; it is logged as is "
+                          f"(this warning is shown once per metric name)", stacklevel=1)
+        out.append((k, x, ts, step))
+    return out
 
 
 @patch
@@ -195,53 +265,73 @@ def _take(self: _Sender, item: tuple, waiters: list[threading.Event]) -> None:
     kind = item[0]
     if kind == "m":
         _, metrics, step, ts = item
-        step = int(step)
-        for k, v in metrics.items():
-            try:
-                x = float(np.asarray(v, dtype=np.float64).reshape(()))
-            except Exception as e:  # validated in the caller, so only a failed device computation lands here
-                warnings.warn(f"MLFlowTelemetry: metric {k!r} at step {step} could not be read ({e}); "
-                              f"this point is not logged", stacklevel=1)
-                continue
-            if not math.isfinite(x) and k not in self.nonfinite_warned:
-                self.nonfinite_warned.add(k)
-                warnings.warn(f"MLFlowTelemetry: metric {k!r} is {x} at step {step}; it is logged as is "
-                              f"(this warning is shown once per metric name)", stacklevel=1)
-            self.pending.metrics.append((k, x, ts, step))
+        points = self._points(metrics, int(step), ts)
+        self.released += len(metrics) - len(points)  # the unreadable ones
+        self.pending.metrics += points
     elif kind == "p":
         self.pending.params.extend(item[1].items())
     elif kind == "flush":
         waiters.append(item[1])
+    elif kind == "spill":  # sync(): what is still unsent goes to the spool file now
+        _, done, ok = item
+        ok.append(not self.pending.points or self._spill(self.pending.points, "written ahead of a checkpoint"))
+        done.set()
     elif kind == "end":
         self.pending.end.append(item[1])
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #a2249a25
 @patch
 def _send_all(self: _Sender) -> bool:
-    "Send everything pending; False when a transient error stopped it (the rest stays pending)."
+    "Send everything pending, until close's deadline; False when a transient error stopped it (the rest stays pending)."
+    try:
+        self._drop_known()
+    except Exception as e:
+        if _is_transient(e):
+            return self._failed(e)
+        self._warn_once("known", f"MLFlowTelemetry: cannot read which steps run {self.run_id} already has "
+                                 f"({str(e)[:200]}); points are sent without that check")
+        self.known = {}
     while len(self.pending):
+        if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            return True  # close() spools the rest
         if self.pending.points:
             chunk = self.pending.take()
         else:  # all points are in: now the run may be ended
             chunk = _Points()
             chunk.end, self.pending.end = self.pending.end, []
+        self.inflight = chunk
         try:
-            self._log_batch(chunk) if chunk.points else self._end_run(*chunk.end[0])
+            with _unlocked(self.lock):
+                self._log_batch(chunk) if chunk.points else self._end_run(*chunk.end[0])
         except Exception as e:
+            if self.abandoned:  # close() took this batch (and everything pending) to the spool
+                return False
+            self.inflight = None
             if _is_transient(e):
                 self.pending.put_back(chunk)
-                if self.last_error is None:
-                    warnings.warn(redact(f"MLFlowTelemetry: cannot reach {self.tracking_uri} ({str(e)[:200]}); "
-                                         f"keeping points and retrying with backoff"), stacklevel=1)
-                self.last_error = e
-                return False
+                return self._failed(e)
             warnings.warn(redact(f"MLFlowTelemetry: MLflow rejected a batch of {len(chunk)} points for run "
                                  f"{self.run_id}: {str(e)[:300]}; they will be spooled at close"), stacklevel=1)
             self.rejected.extend(chunk)
+            self.released += len(chunk.metrics)
         else:
+            if self.abandoned:
+                return False
+            self.inflight = None
             self.sent += chunk.points
+            self.released += len(chunk.metrics)
             self.last_error = None
     return True
+
+
+@patch
+def _failed(self: _Sender, e: Exception) -> bool:
+    "Note a transient error (warning once per outage); always False."
+    if self.last_error is None:
+        warnings.warn(redact(f"MLFlowTelemetry: cannot reach {self.tracking_uri} ({str(e)[:200]}); "
+                             f"keeping points and retrying with backoff"), stacklevel=1)
+    self.last_error = e
+    return False
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #2af48a8c
 @patch
@@ -258,13 +348,21 @@ def _log_batch(self: _Sender, chunk: _Points) -> None:
 
 
 @patch
-def _post(self: _Sender, endpoint: str, body: dict[str, object]) -> None:
-    "POST to the tracking server with no internal retries (the sender does its own backoff)."
+def _request(self: _Sender, endpoint: str, method: str, **kwargs: object) -> dict:
+    "One request to the tracking server with no internal retries (the sender does its own backoff); the answer's JSON."
     from mlflow.utils.rest_utils import http_request, verify_rest_response
+    timeout = self.request_timeout
+    if self._stop_at is not None:  # close's deadline bounds the requests made after it was set
+        timeout = min(timeout, max(0.5, self._stop_at - time.monotonic()))
     creds = self.client._tracking_client.store.get_host_creds()
-    response = http_request(creds, endpoint, "POST", max_retries=0, backoff_factor=0,
-                            timeout=self.request_timeout, json=body)
+    response = http_request(creds, endpoint, method, max_retries=0, backoff_factor=0, timeout=timeout, **kwargs)
     verify_rest_response(response, endpoint)
+    return response.json() if response.content else {}
+
+
+@patch
+def _post(self: _Sender, endpoint: str, body: dict[str, object]) -> None:
+    self._request(endpoint, "POST", json=body)
 
 
 @patch
@@ -275,12 +373,90 @@ def _end_run(self: _Sender, status: str, end_time: int) -> None:
     self._post("/api/2.0/mlflow/runs/update",
                {"run_id": self.run_id, "run_uuid": self.run_id, "status": status, "end_time": end_time})
 
+# %% ../../nbs/05_mlflow_telemetry.ipynb #d4f14772
+@patch
+def _drop_known(self: _Sender) -> None:
+    "Leave out pending metric points at steps their run already has for their key."
+    if self.known is None:
+        self.known = dict.fromkeys(self._run_keys())
+    known = self.known
+    if not known or not self.pending.metrics:
+        return
+    for k in {m[0] for m in self.pending.metrics if m[0] in known and known[m[0]] is None}:
+        known[k] = np.unique(np.asarray(self._history_steps(k), np.int64))
+    keep = [m for m in self.pending.metrics if not _logged(known.get(m[0]), m[3])]
+    dropped = len(self.pending.metrics) - len(keep)
+    if dropped:
+        self.pending.metrics = keep
+        self.duplicates += dropped
+        self.released += dropped
+
+
+def _logged(steps: np.ndarray | None, step: int) -> bool:
+    "Whether `step` is in the sorted array `steps`."
+    if steps is None or not len(steps) or step > steps[-1]:
+        return False
+    return bool(steps[np.searchsorted(steps, step)] == step)
+
+
+@patch
+def _run_keys(self: _Sender) -> list[str]:
+    "The metric keys the run has."
+    if not self.tracking_uri.startswith(("http://", "https://")):
+        return list(self.client.get_run(self.run_id).data.metrics)
+    run = self._request("/api/2.0/mlflow/runs/get", "GET", params={"run_id": self.run_id})
+    return [m["key"] for m in run.get("run", {}).get("data", {}).get("metrics", [])]
+
+
+@patch
+def _history_steps(self: _Sender, key: str) -> list[int]:
+    "The steps at which the run has metric `key`."
+    if not self.tracking_uri.startswith(("http://", "https://")):
+        return [m.step for m in self.client.get_metric_history(self.run_id, key)]
+    out = self._request("/api/2.0/mlflow/metrics/get-history", "GET",
+                        params={"run_id": self.run_id, "metric_key": key})
+    return [int(m.get("step", 0)) for m in out.get("metrics", [])]
+
 # %% ../../nbs/05_mlflow_telemetry.ipynb #cad8b0b7
 @patch
 def put(self: _Sender, item: tuple) -> None:
+    "Queue `item`; metric points beyond `max_pending` (plus one batch) in memory go to the spool file instead."
     if self.closed:
         raise RuntimeError(f"MLFlowTelemetry for run {self.run_id} is closed; create a new one to log more")
+    if item[0] == "m":
+        n = len(item[1])
+        if self.queued - self.released + n > self.max_pending + MAX_ENTRIES_PER_BATCH:
+            self._overflow(item)
+            return
+        self.queued += n
     self.queue.put(item)
+
+
+@patch
+def _overflow(self: _Sender, item: tuple) -> None:
+    "The thread is behind (a slow server): keep `item`'s points for the spool file, written a batch at a time."
+    _, metrics, step, ts = item
+    self.overflow.metrics += self._points(metrics, int(step), ts)
+    self._warn_once("backlog", f"MLFlowTelemetry: over {self.max_pending} points are waiting for {self.tracking_uri} "
+                               f"(it takes them slower than the run logs them); new points go to {self.spool_path} "
+                               f"until it catches up; upload them later with: rlab upload {self.spool_path}")
+    if len(self.overflow.metrics) >= MAX_ENTRIES_PER_BATCH:
+        self._write_overflow()
+
+
+@patch
+def _write_overflow(self: _Sender) -> bool:
+    "Write the points kept by `_overflow` to the spool file; False (they stay in memory) when it cannot be written."
+    if not self.overflow.metrics:
+        return True
+    try:
+        self._spool(self.overflow, "the server was slower than the run")
+    except OSError as e:
+        self._warn_once("spool", f"MLFlowTelemetry: cannot write the spool file {self.spool_path} ({e}); the points "
+                                 f"stay in memory (free disk space, or pass another spool_dir)")
+        return False
+    self.overflow = _Points()
+    return True
 
 
 @patch
@@ -288,9 +464,23 @@ def flush(self: _Sender, timeout: float | None) -> bool:
     "Wait until everything queued so far is sent; False when `timeout` passed first."
     if self.closed:
         return not len(self.pending)
+    self._write_overflow()
     done = threading.Event()
     self.queue.put(("flush", done))
     return done.wait(timeout)
+
+
+@patch
+def sync(self: _Sender, timeout: float) -> bool:
+    "Make every point logged so far durable: in MLflow within `timeout` s, else in the spool file; False if neither."
+    if self.closed:
+        return True  # close() has sent or spooled everything
+    ok = self._write_overflow()
+    if self.last_error is None and self.flush(timeout):  # during an outage the points go to the spool at once
+        return ok
+    done, spilled = threading.Event(), []
+    self.queue.put(("spill", done, spilled))
+    return done.wait(self.request_timeout + 2.0) and all(spilled) and ok
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #a7a53a2e
 @patch
@@ -304,29 +494,30 @@ def close(self: _Sender, timeout: float, end_run: bool = False) -> Path | None:
     self.closed = True
     self._stop_at = time.monotonic() + timeout
     self.queue.put(("flush", threading.Event()))
-    self._done.wait(timeout + 5 * self.request_timeout + 5)
-    leftover = _Points()
-    leftover.extend(self.pending)
-    leftover.extend(self.rejected)
-    try:
-        while True:
-            tail: list[threading.Event] = []
-            self.pending = _Points()
-            self._take(self.queue.get_nowait(), tail)
-            leftover.extend(self.pending)
-    except queue.Empty:
-        pass
-    if not len(leftover) and not self.spilled:
-        return None
-    path = self.spool_path
+    self._done.wait(timeout + 1.0)  # a request still in flight then is not waited for
+    with self.lock:  # the thread is done, or waiting on the server: from here on it touches nothing
+        self.abandoned = True
+        leftover = _Points()
+        if self.inflight is not None:  # it may still arrive; `rlab upload` skips the steps the run has
+            leftover.extend(self.inflight)
+        for part in (self.pending, self.rejected, self.overflow):
+            leftover.extend(part)
+        try:
+            while True:
+                self.pending = _Points()
+                self._take(self.queue.get_nowait(), [])
+                leftover.extend(self.pending)
+        except queue.Empty:
+            pass
     if len(leftover):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _spool_write(path, self.tracking_uri, self.run_id, leftover, note=str(self.last_error)[:300])
-    what = f"{leftover.points + self.spilled} points" + (" and the end of the run" if leftover.end else "")
+        self._spool(leftover, note=str(self.last_error or f"not sent within close_timeout={timeout} s")[:300])
+    if not self.spilled and not leftover.end:
+        return None
+    what = f"{self.spilled} points" + (" and the end of the run" if leftover.end else "")
     print(f"MLFlowTelemetry: {what} for run {self.run_id} could not be sent to "
-          f"{redact(self.tracking_uri)}; saved to {path}; upload them with: rlab upload {shlex.quote(str(path))} "
-          f"(or researchlab.upload_spool(path) in Python)", file=sys.stderr)
-    return path
+          f"{redact(self.tracking_uri)}; saved to {self.spool_path}; upload them with: rlab upload "
+          f"{shlex.quote(str(self.spool_path))} (or researchlab.upload_spool(path) in Python)", file=sys.stderr)
+    return self.spool_path
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #b9cb801f
 class MLFlowTelemetry(Telemetry[S, C]):
@@ -342,7 +533,7 @@ class MLFlowTelemetry(Telemetry[S, C]):
                  max_backoff: float = 5.0,  # longest wait between retries while the server is down
                  request_timeout: float = 10.0,  # seconds one MLflow request may take
                  spool_dir: str | Path | None = None,  # where unsent points are written (default ./mlflow-spool)
-                 max_pending: int = 1_000_000,  # points held in memory before the oldest are spooled
+                 max_pending: int = 100_000,  # metric points held in memory; beyond it (and one batch) they are spooled
                  flush_timeout: float = 10.0,  # seconds `flush` waits
                  ):
         import mlflow
@@ -362,7 +553,8 @@ class MLFlowTelemetry(Telemetry[S, C]):
         self._params: dict[str, str] = {}
         self._keys: set[str] = set()  # metric names already validated
         spool = Path(spool_dir) if spool_dir is not None else Path.cwd() / "mlflow-spool"
-        self._sender = _Sender(self.tracking_uri, run_id, interval, max_backoff, request_timeout, spool, max_pending)
+        self._sender = _Sender(self.tracking_uri, run_id, interval, max_backoff, request_timeout, spool, max_pending,
+                               existing_run=not self.owns_run)  # its steps already in MLflow are not sent again
         self._finalizer = weakref.finalize(self, _Sender.close, self._sender, close_timeout, self.owns_run)
 
     def log_metrics(self,
@@ -419,6 +611,19 @@ def flush(self: MLFlowTelemetry, timeout: float | None = None) -> bool:  # noqa:
 
 
 @patch
+def sync(self: MLFlowTelemetry, timeout: float | None = None) -> bool:  # noqa: F811
+    "Make every point logged so far survive a crash: sent within `timeout` s (default `flush_timeout`), else "
+    "written to the spool file at once; the Loop calls it before each checkpoint. False (with a warning) if neither."
+    timeout = self.flush_timeout if timeout is None else timeout
+    done = self._sender.sync(timeout)
+    if not done:
+        warnings.warn(redact(f"MLFlowTelemetry.sync: points for run {self.run_id} are neither in MLflow nor in the "
+                             f"spool file {self._sender.spool_path} ({self._sender.last_error or 'server slow'}); "
+                             f"a crash now would lose them"), stacklevel=2)
+    return done
+
+
+@patch
 def close(self: MLFlowTelemetry) -> Path | None:  # noqa: F811
     "Flush (waiting at most `close_timeout` s for the server); returns the spool file of unsent points, if any."
     if not self._finalizer.alive:
@@ -433,6 +638,19 @@ def sent(self: MLFlowTelemetry) -> int:
 
 
 @patch(as_prop=True)
+def backlog(self: MLFlowTelemetry) -> int:
+    "Metric points held in memory, waiting to be sent (at most `max_pending` plus one batch)."
+    s = self._sender
+    return s.queued - s.released
+
+
+@patch(as_prop=True)
+def duplicates(self: MLFlowTelemetry) -> int:
+    "Points left out because the run already had their key at their step (a resumed run)."
+    return self._sender.duplicates
+
+
+@patch(as_prop=True)
 def closed(self: MLFlowTelemetry) -> bool:
     "True after `close()`: the Loop refuses to start with a closed telemetry instead of failing at its first log."
     return not self._finalizer.alive
@@ -444,57 +662,104 @@ def _without_redacted_user(uri: str) -> str:
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*:\*\*\*@", r"\1", uri)
 
 
+def _spool_record(line: str) -> tuple[str, object]:
+    "The kind (`header`, `m`, `p`, `end`) and content of one spool line; ValueError when it is torn or not one."
+    rec = json.loads(line)
+    if isinstance(rec, dict) and isinstance(rec.get("run_id"), str) and isinstance(rec.get("tracking_uri"), str):
+        return "header", (rec["tracking_uri"], rec["run_id"])
+    if not (isinstance(rec, dict) and len(rec) == 1):
+        raise ValueError(f"not a spool record: {line[:80]!r}")
+    kind, value = next(iter(rec.items()))
+    if kind == "m" and isinstance(value, list) and len(value) == 4 and isinstance(value[0], str) and \
+            all(isinstance(x, int) and not isinstance(x, bool) for x in value[2:]):
+        if isinstance(value[1], (int, float)) and not isinstance(value[1], bool):
+            return "m", (value[0], float(value[1]), value[2], value[3])
+    if kind == "p" and isinstance(value, list) and len(value) == 2 and all(isinstance(x, str) for x in value):
+        return "p", tuple(value)
+    if kind == "end" and isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+        return "end", tuple(value)
+    raise ValueError(f"not a spool record: {line[:80]!r}")
+
+# %% ../../nbs/05_mlflow_telemetry.ipynb #3f1ea55b
 def upload_spool(path: str | Path,  # a spool file written by MLFlowTelemetry
                  tracking_uri: str | None = None,  # send there instead of to the URI recorded in the file
-                 ) -> int:
-    "Send the points of a spool file to MLflow (to its recorded run); returns how many were sent."
+                 ) -> int:  # how many points were sent
+    "Send the intact points of a spool file to their run (torn lines are warned about and skipped); renamed `.uploaded`."
     from mlflow import MlflowClient
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"upload_spool: no spool file at {path}")
-    sent, client, run_id = 0, None, None
+    sent, skipped, run, torn, orphans = 0, 0, None, [], []
     batches: dict[tuple[str, str], _Points] = {}
-    pts = _Points()
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        rec = json.loads(line)
-        if "run_id" in rec:
-            uri, run_id = tracking_uri or _without_redacted_user(rec["tracking_uri"]), rec["run_id"]
-            pts = batches.setdefault((uri, run_id), _Points())
-        elif run_id is None:
-            raise ValueError(f"upload_spool: {path}:{n} holds a point before any header line; not a spool file")
-        elif "m" in rec:
-            key, value, ts, step = rec["m"]
-            pts.metrics.append((key, float(value), ts, step))
-        elif "p" in rec:
-            pts.params.append(tuple(rec["p"]))
-        else:
-            pts.end.append(tuple(rec["end"]))
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            kind, value = _spool_record(line)
+        except ValueError:  # json.JSONDecodeError is one
+            torn.append(n)
+            continue
+        if kind == "header":
+            run = (tracking_uri or _without_redacted_user(value[0]), value[1])
+            continue
+        if run is None:
+            orphans.append(n)
+            continue
+        pts = batches.setdefault(run, _Points())
+        {"m": pts.metrics, "p": pts.params, "end": pts.end}[kind].append(value)
+    if torn:
+        warnings.warn(f"upload_spool: {path}: line{'s' * (len(torn) > 1)} {', '.join(map(str, torn))} "
+                      f"{'are' if len(torn) > 1 else 'is'} torn (cut short by a crash or a full disk) and skipped; "
+                      f"every intact line is uploaded", stacklevel=2)
     for (uri, run_id), pts in batches.items():
         client = MlflowClient(tracking_uri=uri)
+        skipped += _skip_logged(client, run_id, pts)
         while pts.points:
             chunk = pts.take()
             client.log_batch(run_id, **_entities(chunk))
             sent += chunk.points
         for status, end_time in pts.end:
             client.set_terminated(run_id, status, end_time)
+    if orphans:
+        raise ValueError(f"upload_spool: {path}:{orphans[0]} holds a point before any header line ({len(orphans)} "
+                         f"such lines), so its run is unknown; not a spool file, or its first header is torn")
     path.rename(path.with_name(path.name + ".uploaded"))
     return sent
+
+
+def _skip_logged(client: object, run_id: str, pts: _Points) -> int:
+    "Drop from `pts` the metric points at steps their run already has for their key; how many were dropped."
+    keys = set(client.get_run(run_id).data.metrics) & {m[0] for m in pts.metrics}
+    have = {k: {m.step for m in client.get_metric_history(run_id, k)} for k in keys}
+    keep = [m for m in pts.metrics if m[3] not in have.get(m[0], ())]
+    dropped, pts.metrics = len(pts.metrics) - len(keep), keep
+    return dropped
 
 # %% ../../nbs/05_mlflow_telemetry.ipynb #68c45c24
 def upload_main(argv: list[str],  # the command line after `rlab`, starting with `upload`
                 ) -> int:
-    "Command line: `rlab upload SPOOL... [--tracking-uri URI]`; returns the exit status (0: all uploaded)."
+    "`rlab upload SPOOL... [--tracking-uri URI]`: the exit status is 0 when every intact point was sent, else 1."
     import argparse
+
+    from mlflow.exceptions import MlflowException
     parser = argparse.ArgumentParser(prog="rlab")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upload", help="send the points of MLFlowTelemetry spool files to MLflow")
     up.add_argument("spool", nargs="+", type=Path)
     up.add_argument("--tracking-uri", default=None, help="override the tracking URI recorded in the file")
     args = parser.parse_args(argv)
+    status = 0
     for path in args.spool:
         try:
-            print(f"{path}: uploaded {upload_spool(path, args.tracking_uri)} points")
-        except (OSError, ValueError) as e:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sent = upload_spool(path, args.tracking_uri)
+        except (OSError, ValueError, MlflowException) as e:
             print(redact(f"{path}: {e}"), file=sys.stderr)
-            return 1
-    return 0
+            status = 1
+            continue
+        finally:
+            for w in caught:
+                print(redact(str(w.message)), file=sys.stderr)
+        print(f"{path}: uploaded {sent} points")
+    return status

@@ -45,6 +45,9 @@ class Telemetry(ABC, Generic[S, C]):
     def flush(self) -> None:
         "Block until everything logged so far has been written (no-op by default)."
 
+    def sync(self) -> None:
+        "Make everything logged so far survive a crash; the Loop calls it before each checkpoint (no-op by default)."
+
     def close(self) -> None:
         "Flush and release resources; logging after `close` is an error (no-op by default)."
 
@@ -123,6 +126,11 @@ class MultiTelemetry(Telemetry[S, C]):
     def flush(self) -> None:
         for t in self.telemetries:
             t.flush()
+
+    def sync(self) -> None:
+        "Sync each of them, in order."
+        for t in self.telemetries:
+            t.sync()
 
     def close(self) -> None:
         "Close all of them, even when one fails; the first error is raised afterwards."
