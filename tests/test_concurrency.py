@@ -36,7 +36,7 @@ def _check_runs(project: Path, n: int, results: list[subprocess.CompletedProcess
         assert steps == [10, 20, 30, 40], (run.info.run_name, steps)
         assert run.data.tags.get("rlab.git.commit") == head, run.data.tags
         assert run.data.tags.get("rlab.git.dirty") == "true", run.data.tags
-        patch = [a for a in _artifacts(client, run.info.run_id) if a.endswith("git.patch")]
+        patch = [a for a in _artifacts(client, run.info.run_id) if a.endswith("git.patch.txt")]
         assert patch, (run.info.run_name, _artifacts(client, run.info.run_id))
         text = Path(client.download_artifacts(run.info.run_id, patch[0])).read_text()
         assert "print('hello, changed')" in text and "mlflow.db" not in text, text[:2000]
