@@ -55,7 +55,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "researchlab.design.step_checks": (
         "ClockAccessor", "StateLayout", "check_output", "clock_getter", "find_clock", "split_state",
-        "PendingMetrics", "metric_records", "is_due", "Callback", "check_period", "check_num_steps",
+        "PendingMetrics", "metric_records", "thin_records", "is_due", "steps_to_due", "Callback", "check_period",
+        "check_num_steps",
     ),
     "researchlab.design.loop": (  # also re-exports ClockAccessor and Callback from design.step_checks
         "Loop",
