@@ -64,6 +64,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.design.widget": (
         "loop_widget",
     ),
+    "researchlab.design.compile_cache": (
+        "CACHE_ENV", "default_cache_dir", "enable_compile_cache", "compile_cache_dir",
+    ),
     "researchlab.tracking.utils": (
         "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "SECRET_PATTERNS",
         "get_git_state", "find_run_by_rlab_id", "generate_run_id", "log_flattened_params",
