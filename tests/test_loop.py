@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -853,3 +854,33 @@ def test_no_host_transfer_per_step_and_one_fetch_per_log_period(monkeypatch: pyt
     logging.run(100)
     assert len(fetched) <= 10  # metrics of 10 logged steps, fetched in batches, never once per step
     assert sum(len(batch) for batch in fetched) == 10 and len(logging.history) == 10
+
+
+# ---- history, interrupt messages -------------------------------------------------------------------
+def test_history_is_capped_and_the_telemetry_gets_every_record() -> None:
+    tel = ListTelemetry()
+    loop = new_loop(log_every=1, telemetry=tel, history_max=8)
+    loop.run(30)
+    steps = [r["step"] for r in loop.history]
+    assert len(steps) <= 8 and steps[-1] == 30 and steps == sorted(steps)
+    assert steps[0] < 10  # thinned, not truncated: the start of the run is still there
+    assert [s for s, _ in tel.points] == list(range(1, 31))
+    with pytest.raises(ValueError, match="history_max must be an int >= 2 .* got 1"):
+        new_loop(history_max=1)
+
+
+def test_interrupt_messages_name_the_same_step(capsys: pytest.CaptureFixture) -> None:
+    "The signal arrives while a step is in progress (inside get_batch): both messages name the step it ends at."
+    class PressStop(HostProvider):
+        def get_batch(self, state: TState) -> dict[str, np.ndarray]:
+            if int(state.clock.step) == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().get_batch(state)
+
+    loop = new_loop(provider=PressStop(make_data()), progress=True)
+    loop.run(50)
+    out = capsys.readouterr().out
+    announced = re.findall(r"^Loop: interrupt received; stopping at step (\d+), when the step in progress ends", out,
+                           re.M)
+    stopped = re.findall(r"^Loop: stopped at step (\d+); run\(\.\.\.\) continues from here$", out, re.M)
+    assert announced == stopped == [str(loop.step_count)] == ["7"], out
