@@ -223,18 +223,14 @@ def prepare_baseline(cfg: PPOConfig) -> tuple[float, Runner, str]:
     "(compile s, runner, label) for PureJaxRL's real ppo.py, or the re-implementation below where it is absent."
     try:
         train, label = purejaxrl_train(cfg), "PureJaxRL ppo.py (one jit)"
-        returns = _purejaxrl_returns
+        key, returns = jax.random.PRNGKey(cfg.seed), _purejaxrl_returns  # the peer takes a raw uint32 key
     except ImportError as e:
         train = make_baseline_train(cfg)
         label = f"PureJaxRL-style re-implementation (real peer unavailable: {e})"
-
-        def returns(m: dict) -> np.ndarray:
-            return np.asarray(m)
+        key, returns = jax.random.key(cfg.seed), np.asarray
     t0 = time.perf_counter()
-    compiled = jax.jit(train).lower(jax.random.key(cfg.seed) if "re-impl" in label else
-                                    jax.random.PRNGKey(cfg.seed)).compile()
+    compiled = jax.jit(train).lower(key).compile()
     compile_s = time.perf_counter() - t0
-    key = jax.random.key(cfg.seed) if "re-impl" in label else jax.random.PRNGKey(cfg.seed)
 
     def run() -> tuple[float, np.ndarray]:
         t0 = time.perf_counter()
