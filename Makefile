@@ -86,8 +86,23 @@ docs-serve: docs
 lab: install
 	$(BIN)/jupyter lab nbs
 
-bench: install
-	$(BIN)/python -m bench
+# `make bench` runs in .venv-bench: a venv layered on .venv (a .pth adds .venv's site-packages) that adds only the
+# peers' packages, rejax and distrax (PureJaxRL's ppo.py needs it), so they never enter `make test`'s venv. Where they
+# cannot be installed, the bench rows that need them say so. The benchmarks measure compilation, so the persistent
+# compile cache is off for them (RLAB_COMPILE_CACHE=off; the cache row sets its own folder).
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+BENCH_PEERS ?= rejax==0.1.3 distrax==0.1.9
+$(BENCH_STAMP): $(STAMP)
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	@site=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	  bsite=$$($(BENCH_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	  echo "import site; site.addsitedir('$$site')" > $$bsite/_researchlab_venv.pth
+	@$(BENCH_VENV)/bin/python -m pip install -q $(BENCH_PEERS) || echo "could not install $(BENCH_PEERS): those rows will say so"
+	@touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP)
+	RLAB_COMPILE_CACHE=off $(BENCH_VENV)/bin/python -m bench
 
 clean:
-	rm -rf $(VENV) _proc _docs .pytest_cache .hypothesis .cache
+	rm -rf $(VENV) $(BENCH_VENV) _proc _docs .pytest_cache .hypothesis .cache

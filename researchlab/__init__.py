@@ -55,13 +55,17 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "researchlab.design.step_checks": (
         "ClockAccessor", "StateLayout", "check_output", "clock_getter", "find_clock", "split_state",
-        "PendingMetrics", "metric_records", "is_due", "Callback", "check_period", "check_num_steps",
+        "PendingMetrics", "metric_records", "thin_records", "is_due", "steps_to_due", "Callback", "check_period",
+        "check_num_steps",
     ),
     "researchlab.design.loop": (  # also re-exports ClockAccessor and Callback from design.step_checks
         "Loop",
     ),
     "researchlab.design.widget": (
         "loop_widget", "LivePlot", "decimate", "smooth", "primary_metrics",
+    ),
+    "researchlab.design.compile_cache": (
+        "CACHE_ENV", "default_cache_dir", "enable_compile_cache", "compile_cache_dir",
     ),
     "researchlab.tracking.utils": (
         "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "SECRET_PATTERNS",

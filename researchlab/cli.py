@@ -13,7 +13,8 @@ __all__ = ['main']
 
 # %% ../nbs/31_cli.ipynb #9fa68ed0
 _HELP = ("usage: rlab demo [key=value ...] [--resume RUN_ID]   (rlab demo --help for the options)\n"
-         "       rlab upload SPOOL... [--tracking-uri URI]     (send what a run spooled while MLflow was down)")
+         "       rlab upload SPOOL... [--tracking-uri URI]     (send what a run spooled while MLflow was down)\n"
+         "rlab demo keeps compiled programs in ~/.cache/researchlab/jax; RLAB_COMPILE_CACHE=DIR moves it, =off stops it")
 
 
 def _upload(args: list[str]) -> int:
@@ -24,7 +25,11 @@ def _upload(args: list[str]) -> int:
 
 
 def _demo(args: list[str]) -> int:
-    "`rlab demo ...`: PPO on CartPole (JAX, gymnax, MLflow)."
+    "`rlab demo ...`: PPO on CartPole (JAX, gymnax, MLflow), with JAX's persistent compilation cache on."
+    if not {"-h", "--help"} & set(args[1:]):
+        from researchlab.design.compile_cache import enable_compile_cache
+
+        enable_compile_cache()  # $RLAB_COMPILE_CACHE=off switches it off
     from researchlab.examples.demo import demo_main
 
     return demo_main(args[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,7 +153,8 @@ def assert_same(a: object, b: object) -> None:
 def new_loop(**kw: object) -> Loop:
     kw.setdefault("progress", False)
     provider = kw.pop("provider", None) or make_provider()
-    return Loop(Cfg(), make_state(Cfg()), train_step, provider, **kw)
+    config = kw.pop("config", None) or Cfg()  # a Config of its own gives a test a program no other test compiled
+    return Loop(config, make_state(Cfg()), train_step, provider, **kw)
 
 
 # ---- resume: bit-identical across processes ----------------------------------------------------
@@ -228,14 +230,14 @@ def test_resume_from_empty_or_missing_directory(tmp_path: Path) -> None:
 
 # ---- continuing, stepping, generators ------------------------------------------------------------
 def test_run_continues_and_equals_one_long_run() -> None:
-    a, b = new_loop(), new_loop()
+    a, b = new_loop(config=Cfg(noise=0.051)), new_loop(config=Cfg(noise=0.051))
     for n in (3, 0, 10, 7):
         s = a.run(n)
     b.run(20)
     assert int(s.clock.step) == a.step_count == 20
     assert int(s.clock.episode) == 20  # the kernel's own clock fields are kept
     assert_same(a.state, b.state)
-    assert a._one._cache_size() == 1  # compiled once
+    assert a._spec.traces == 1 and b._spec.traces == 0  # compiled once; b, built alike, reuses a's program
 
 
 def test_step_and_steps_generator_stopped_early(tmp_path: Path) -> None:
@@ -357,31 +359,37 @@ def test_host_provider_and_weak_types_compile_once() -> None:
     provider = HostProvider(make_data())
     loop = Loop(Cfg(), W(x=jnp.asarray(0.0), y=1.0, clock=Clock()), fn, provider, progress=False)
     loop.run(6)
-    assert provider.calls == 6 and loop._one._cache_size() == 1
+    assert provider.calls == 6 and loop._spec.traces == 1
     assert float(loop.state.y) == 0.5 ** 6
 
 
 # ---- scan fusion -------------------------------------------------------------------------------
 def test_scan_fusion_equals_unfused() -> None:
     tel_f, tel_u = ListTelemetry(), ListTelemetry()
-    fused, unfused = new_loop(steps_per_call=4, log_every=3, telemetry=tel_f), new_loop(log_every=3, telemetry=tel_u)
+    fused = new_loop(steps_per_call=4, log_every=3, telemetry=tel_f, config=Cfg(noise=0.052))
+    unfused = new_loop(log_every=3, telemetry=tel_u, config=Cfg(noise=0.052))
     fused.run(10)  # 2 fused calls + 2 single steps
     fused.run(9)
     unfused.run(19)
-    assert fused.step_count == 19 and fused._many._cache_size() == 1 and fused._one._cache_size() == 1
+    assert fused.step_count == 19 and fused._spec.traces == 1  # calls of 4, 4, 2, 4, 4, 1: one program
     assert_same(fused.state, unfused.state)
     assert [s for s, _ in tel_f.points] == [s for s, _ in tel_u.points] == [3, 6, 9, 12, 15, 18]
     for (_, a), (_, b) in zip(tel_f.points, tel_u.points):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
 
 
-def test_fused_periodic_work_happens_at_call_boundaries(tmp_path: Path) -> None:
+def test_fused_periodic_work_happens_at_the_asked_steps(tmp_path: Path) -> None:
+    "Fused calls are cut where a callback or a checkpoint is due: the work sees exactly the steps asked for."
     seen = []
     loop = new_loop(steps_per_call=5, callbacks=[Callback(4, lambda lp: seen.append(lp.step_count))],
-                    checkpoint_dir=tmp_path, save_every=10)
+                    checkpoint_dir=tmp_path, save_every=6, keep_checkpoints=None, config=Cfg(noise=0.053))
     loop.run(20)
-    assert seen == [5, 10, 15, 20]  # multiples of 4 crossed in (0,5], (5,10], (10,15], (15,20]
-    assert [s for s, _ in CheckpointManager(tmp_path).checkpoints()] == [10, 20]
+    assert seen == [4, 8, 12, 16, 20]
+    assert [s for s, _ in CheckpointManager(tmp_path).checkpoints()] == [6, 12, 18, 20]  # 20: the run's end
+    assert loop._spec.traces == 1  # the cut calls (4, 2, 2, 4, ...) run the same program
+    ref = new_loop(config=Cfg(noise=0.053))
+    ref.run(20)
+    assert_same(loop.state, ref.state)
 
 
 # ---- interrupts --------------------------------------------------------------------------------
@@ -846,3 +854,33 @@ def test_no_host_transfer_per_step_and_one_fetch_per_log_period(monkeypatch: pyt
     logging.run(100)
     assert len(fetched) <= 10  # metrics of 10 logged steps, fetched in batches, never once per step
     assert sum(len(batch) for batch in fetched) == 10 and len(logging.history) == 10
+
+
+# ---- history, interrupt messages -------------------------------------------------------------------
+def test_history_is_capped_and_the_telemetry_gets_every_record() -> None:
+    tel = ListTelemetry()
+    loop = new_loop(log_every=1, telemetry=tel, history_max=8)
+    loop.run(30)
+    steps = [r["step"] for r in loop.history]
+    assert len(steps) <= 8 and steps[-1] == 30 and steps == sorted(steps)
+    assert steps[0] < 10  # thinned, not truncated: the start of the run is still there
+    assert [s for s, _ in tel.points] == list(range(1, 31))
+    with pytest.raises(ValueError, match="history_max must be an int >= 2 .* got 1"):
+        new_loop(history_max=1)
+
+
+def test_interrupt_messages_name_the_same_step(capsys: pytest.CaptureFixture) -> None:
+    "The signal arrives while a step is in progress (inside get_batch): both messages name the step it ends at."
+    class PressStop(HostProvider):
+        def get_batch(self, state: TState) -> dict[str, np.ndarray]:
+            if int(state.clock.step) == 6:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().get_batch(state)
+
+    loop = new_loop(provider=PressStop(make_data()), progress=True)
+    loop.run(50)
+    out = capsys.readouterr().out
+    announced = re.findall(r"^Loop: interrupt received; stopping at step (\d+), when the step in progress ends", out,
+                           re.M)
+    stopped = re.findall(r"^Loop: stopped at step (\d+); run\(\.\.\.\) continues from here$", out, re.M)
+    assert announced == stopped == [str(loop.step_count)] == ["7"], out

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from researchlab.design.step_checks import (
     Callback,
     ClockAccessor,
     PendingMetrics,
+    StateLayout,
     check_num_steps,
     check_output,
     check_period,
@@ -31,6 +33,8 @@ from researchlab.design.step_checks import (
     is_due,
     metric_records,
     split_state,
+    steps_to_due,
+    thin_records,
 )
 
 from .core import C, Config, S
@@ -72,7 +76,8 @@ class Loop(Generic[S, C]):
                  keep_checkpoints: int | None = 3,  # checkpoints kept in checkpoint_dir (None: all)
                  donate: bool = False,  # let XLA overwrite the State's buffers (see "Compiled code")
                  progress: bool = True,  # tqdm progress bar in run()
-                 log_config: bool = True):  # telemetry.log_params(flat config) at the first run
+                 log_config: bool = True,  # telemetry.log_params(flat config) at the first run
+                 history_max: int | None = 10_000):  # records kept in `history` (older ones thinned; None: all)
         if not callable(step_fn):
             raise TypeError(f"Loop: step_fn must be callable (state, config, batch) -> (state, metrics), "
                             f"got {type(step_fn).__name__}")
@@ -97,6 +102,10 @@ class Loop(Generic[S, C]):
             raise ValueError("Loop: a persister was given without checkpoint_dir; pass checkpoint_dir=... to save")
         if save_every and checkpoint_dir is None:
             raise ValueError("Loop: save_every is set but there is no checkpoint_dir to save to")
+        if history_max is not None and (isinstance(history_max, bool) or not isinstance(history_max, (int, np.integer))
+                                        or history_max < 2):
+            raise ValueError(f"Loop: history_max must be an int >= 2 (or None to keep every record), got {history_max!r}")
+        self.history_max = None if history_max is None else int(history_max)
         self.steps_per_call, self.donate, self.progress, self.log_config = steps_per_call, donate, progress, log_config
         self._clock_spec, self._get_clock = clock, clock_getter(clock)
         step = int(find_clock(initial_state, self._get_clock, clock).step)
@@ -106,8 +115,10 @@ class Loop(Generic[S, C]):
         self._cur: tuple[list[jax.Array], int] = (leaves, step)  # (leaves, clock step): swapped in one assignment
         self._view: tuple[object, S] | None = None
         self._pdyn, self._pstatic = eqx.partition(data_provider, eqx.is_array)
-        self._one = jax.jit(self._one_step, donate_argnums=0 if donate else ())
-        self._many = jax.jit(self._scan_steps, donate_argnums=0 if donate else ())
+        self._spec = _CallSpec(step_fn, config, self._layout, self._pstatic, clock, self.jittable, steps_per_call)
+        self._one = jax.jit(_one_call, static_argnames="spec", donate_argnums=0 if donate else ())
+        self._many = jax.jit(_fused_call, static_argnames="spec", donate_argnums=0 if donate else ())
+        self._in_flight: int | None = None  # the step a compiled call in progress will end at
         self._pending: list[PendingMetrics] = []
         self.history: list[dict[str, float]] = []
         self._saved_step: int | None = None
@@ -159,36 +170,124 @@ def __repr__(self: Loop) -> str:
             f"provider={type(self.provider).__name__}, steps_per_call={self.steps_per_call})")
 
 # %% ../../nbs/09_loop.ipynb #0b6bfa60
-@patch
-def _one_step(self: Loop, leaves: list[jax.Array], pdyn: object,
-              batch: object = None) -> tuple[list[jax.Array], dict[str, jax.Array]]:
-    state = self._layout.state(leaves)
-    if self.jittable:
-        batch = eqx.combine(pdyn, self._pstatic).get_batch(state)
-    new_state, metrics = check_output(self._step_fn(state, self._config, batch), self._layout)
-    step = self._get_clock(state).step + jnp.asarray(1, jnp.int32)
-    new_state = eqx.tree_at(lambda s: self._get_clock(s).step, new_state, step)
-    arrays = [x for x, spec in zip(jax.tree_util.tree_leaves(new_state), self._layout.specs) if spec[1] is not None]
+class _ById:
+    "Stands for an object that cannot be compared by value: equal only to itself."
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ById) and other.obj is self.obj
+
+
+def _static_key(x: object) -> object:
+    "A hashable key equal for equal objects: `x` itself when hashable, else its identity."
+    try:
+        hash(x)
+        return x
+    except TypeError:  # a dict Config, a State with a list among its fixed leaves
+        return _ById(x)
+
+
+def _provider_key(p: object) -> object:
+    "A key equal for providers that behave alike: the tree of a PyTree provider's non-array part, or a plain "
+    "object's class and attributes, else its identity."
+    leaves, treedef = jax.tree_util.tree_flatten(p)
+    try:
+        if not (len(leaves) == 1 and leaves[0] is p):  # a PyTree (its arrays already taken out by eqx.partition)
+            key = (treedef, *(_static_key(x) for x in leaves))
+        elif type(p).__eq__ is object.__eq__ and hasattr(p, "__dict__"):  # a plain object, e.g. NoBatch()
+            key = (type(p), tuple(sorted(vars(p).items())))
+        else:
+            key = p
+        hash(key)
+        return key
+    except TypeError:
+        return _ById(p)
+
+# %% ../../nbs/09_loop.ipynb #d32f3ead
+class _CallSpec:
+    "What a Loop's compiled call depends on besides its arrays; Loops with equal specs share one compiled program."
+
+    __slots__ = ("step_fn", "config", "layout", "pstatic", "clock", "get_clock", "jittable", "k", "traces", "_key", "_hash")
+
+    def __init__(self,
+                 step_fn: Callable,  # the kernel (compared by identity)
+                 config: object,  # the Config (compared by value when hashable)
+                 layout: StateLayout,  # the State's tree, leaf shapes and dtypes, fixed leaves
+                 pstatic: object,  # the provider without its arrays (`eqx.partition(provider, eqx.is_array)[1]`)
+                 clock: ClockAccessor,  # the `clock=` argument of the Loop
+                 jittable: bool,  # whether `get_batch` runs inside the compiled call
+                 k: int):  # steps_per_call: the length of the metric buffers of a fused call
+        self.step_fn, self.config, self.layout, self.pstatic = step_fn, config, layout, pstatic
+        self.clock, self.get_clock, self.jittable, self.k = clock, clock_getter(clock), jittable, k
+        self._key = (*(_static_key(x) for x in (step_fn, config, layout, clock)), _provider_key(pstatic),
+                     bool(jittable), int(k))
+        self._hash = hash(self._key)  # computed once: JAX hashes the static argument at every call
+        self.traces = 0  # programs traced (and so compiled) for this spec: JAX's cache missed
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _CallSpec) and self._key == other._key)
+
+# %% ../../nbs/09_loop.ipynb #cdbdf3aa
+def _step(spec: _CallSpec, leaves: list[jax.Array], pdyn: object,
+          batch: object = None) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+    "One step on the State's leaves: the batch (inside jit when jittable), the kernel, its checks, the clock."
+    state = spec.layout.state(leaves)
+    if spec.jittable:
+        batch = eqx.combine(pdyn, spec.pstatic).get_batch(state)
+    new_state, metrics = check_output(spec.step_fn(state, spec.config, batch), spec.layout)
+    step = spec.get_clock(state).step + jnp.asarray(1, jnp.int32)
+    new_state = eqx.tree_at(lambda s: spec.get_clock(s).step, new_state, step)
+    arrays = [x for x, s in zip(jax.tree_util.tree_leaves(new_state), spec.layout.specs) if s[1] is not None]
     return [x.astype(x.dtype) for x in arrays], metrics
 
 
-@patch
-def _scan_steps(self: Loop, leaves: list[jax.Array], pdyn: object) -> tuple[list[jax.Array], dict[str, jax.Array]]:
-    return jax.lax.scan(lambda lv, _: self._one_step(lv, pdyn), leaves, None, length=self.steps_per_call)
+def _one_call(leaves: list[jax.Array], pdyn: object, batch: object = None, *,
+              spec: _CallSpec) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+    "The program of a Loop with `steps_per_call=1`: one step."
+    spec.traces += 1  # runs only while JAX traces, i.e. when it compiles a new program
+    return _step(spec, leaves, pdyn, batch)
+
+
+def _fused_call(leaves: list[jax.Array], pdyn: object, n: jax.Array, *,
+                spec: _CallSpec) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+    "The program of a Loop with `steps_per_call=K`: `n <= K` steps (`n` traced), metrics in buffers of length K."
+    spec.traces += 1
+    shapes = jax.eval_shape(lambda lv: _step(spec, lv, pdyn)[1], leaves)
+    buffers = {name: jnp.zeros((spec.k, *s.shape), s.dtype) for name, s in shapes.items()}
+
+    def body(i: jax.Array, carry: tuple) -> tuple:
+        lv, buf = carry
+        lv, m = _step(spec, lv, pdyn)
+        return lv, {name: b.at[i].set(m[name]) for name, b in buf.items()}
+
+    return jax.lax.fori_loop(0, n, body, (leaves, buffers))
 
 # %% ../../nbs/09_loop.ipynb #5130caf8
 @patch
 def _advance(self: Loop, k: int) -> dict[str, jax.Array]:
-    "Run `k` steps (1 or steps_per_call) in one compiled call, keep the State, do the periodic work."
+    "Run `k <= steps_per_call` steps in one compiled call, keep the State, do the periodic work."
     leaves, s0 = self._cur
-    if k > 1:
-        new_leaves, metrics = self._many(leaves, self._pdyn)
-    elif self.jittable:
-        new_leaves, metrics = self._one(leaves, self._pdyn)
-    else:
-        new_leaves, metrics = self._one(leaves, self._pdyn, self.provider.get_batch(self.state))
     s1 = s0 + k
-    self._cur = (new_leaves, s1)
+    self._in_flight = s1  # an interrupt during the call stops the run here
+    try:
+        if self.steps_per_call > 1:
+            new_leaves, metrics = self._many(leaves, self._pdyn, k, spec=self._spec)
+        elif self.jittable:
+            new_leaves, metrics = self._one(leaves, self._pdyn, spec=self._spec)
+        else:
+            new_leaves, metrics = self._one(leaves, self._pdyn, self.provider.get_batch(self.state), spec=self._spec)
+        self._cur = (new_leaves, s1)
+    finally:
+        self._in_flight = None
     if is_due(self.log_every, s0, s1):
         self._queue(PendingMetrics(s0 + 1, s1, metrics))
     for cb in self.callbacks:
@@ -219,6 +318,8 @@ def _fetch(self: Loop, keep_last: bool = False) -> list[dict[str, float]]:
     pending, self._pending = self._pending[:n], self._pending[n:]
     records = metric_records(pending, jax.device_get([p.metrics for p in pending]), self.log_every)
     self.history.extend(records)
+    if self.history_max is not None and len(self.history) > self.history_max:
+        self.history[:] = thin_records(self.history, self.history_max)
     if self.telemetry is not None:
         for r in records:
             try:
@@ -233,6 +334,12 @@ def _fetch(self: Loop, keep_last: bool = False) -> list[dict[str, float]]:
 
 # %% ../../nbs/09_loop.ipynb #b977738b
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _say(message: str) -> None:
+    "Print `message` on a line of its own: `tqdm.write` lifts any progress bar (the Loop's or a script's) above it."
+    tqdm.write(message)
+    sys.stdout.flush()
 
 
 @patch
@@ -250,8 +357,9 @@ def _signals_stop(self: Loop) -> Iterator[None]:
         self._stop_requested = self.interrupted = True
         self.stop_signal = signum
         what = "interrupt" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"Loop: {what} received at step {self.step_count}; stopping after the step in progress "
-              f"({what} again to abort now)", flush=True)
+        stop_at = self._in_flight if self._in_flight is not None else self.step_count
+        _say(f"Loop: {what} received; stopping at step {stop_at}, when the step in progress ends "
+             f"({what} again to abort now)")
 
     installed = []
     try:
@@ -303,11 +411,16 @@ def _start(self: Loop, where: str) -> None:
 # %% ../../nbs/09_loop.ipynb #f810f1d5
 @patch
 def _drive(self: Loop, num_steps: int, after: Callable[[int], None] | None = None) -> int:
-    "The body of `run`: `num_steps` steps in fused calls where possible; returns the steps done."
+    "The body of `run`: `num_steps` steps in calls of up to `steps_per_call`, each ending where a checkpoint, "
+    "render or callback is due; returns the steps done."
     done, k = 0, self.steps_per_call
     try:
         while done < num_steps and not self._stop_requested:
-            n = k if num_steps - done >= k else 1
+            n = min(k, num_steps - done)
+            if n > 1:
+                due = steps_to_due(self.step_count, (self.save_every, self.render_every,
+                                                     *(c.every for c in self.callbacks)))
+                n = min(n, due or n)
             self._advance(n)
             done += n
             if after is not None:
@@ -352,7 +465,7 @@ def run(self: Loop,
             self._bar = None
             self._finish(checkpoint=not failed)
     if self.interrupted:
-        print(f"Loop: stopped at step {self.step_count}; run(...) continues from here")
+        _say(f"Loop: stopped at step {self.step_count}; run(...) continues from here")
     return self.state
 
 
@@ -383,7 +496,7 @@ def step(self: Loop) -> dict[str, float]:  # the step's metrics as Python number
         metrics = self._advance(1)
     finally:
         self._finish(checkpoint=False)
-    return {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
+    return {k: np.ravel(v)[0].item() for k, v in jax.device_get(metrics).items()}  # row 0 of a fused buffer
 
 # %% ../../nbs/09_loop.ipynb #85df509c
 @patch
@@ -402,7 +515,7 @@ def steps(self: Loop,
             except KeyboardInterrupt:
                 self.interrupted = True
                 break
-            yield metrics
+            yield {k: v[0] for k, v in metrics.items()} if self.steps_per_call > 1 else metrics
     finally:
         self._finish()
 

@@ -16,7 +16,7 @@ from .core import Clock, S
 
 # %% auto #0
 __all__ = ['ClockAccessor', 'StateLayout', 'check_output', 'clock_getter', 'find_clock', 'split_state', 'PendingMetrics',
-           'metric_records', 'is_due', 'Callback', 'check_period', 'check_num_steps']
+           'metric_records', 'thin_records', 'is_due', 'steps_to_due', 'Callback', 'check_period', 'check_num_steps']
 
 # %% ../../nbs/08a_step_checks.ipynb #f3af565b
 _Spec = tuple[str, tuple[int, ...] | None, str]  # (leaf name, shape, dtype); shape None for a fixed non-array leaf
@@ -170,10 +170,10 @@ def split_state(state: object,  # the State (any PyTree) to split
 # %% ../../nbs/08a_step_checks.ipynb #d8107ccf
 @dataclass
 class PendingMetrics:
-    "Metrics of one compiled call still on the device: steps `first..last`, stacked when `last > first`."
+    "Metrics of one compiled call still on the device: steps `first..last`, one row per step when stacked."
     first: int  # the first step of the call
     last: int  # the last step of the call
-    metrics: dict[str, jax.Array]  # the kernel's metrics, stacked on a leading axis when `last > first`
+    metrics: dict[str, jax.Array]  # scalars (one step), or arrays whose row `i` is step `first + i` (a fused call)
 
 
 def metric_records(pending: Sequence[PendingMetrics],  # the calls whose metrics were fetched
@@ -185,9 +185,20 @@ def metric_records(pending: Sequence[PendingMetrics],  # the calls whose metrics
     for p, values in zip(pending, host):
         for i, step in enumerate(range(p.first, p.last + 1)):
             if step % every == 0:
-                row = {k: (v if p.last == p.first else v[i]) for k, v in values.items()}
+                row = {k: (v[i] if np.ndim(v) else v) for k, v in values.items()}
                 out.append({"step": step, **{k: np.asarray(v).item() for k, v in row.items()}})
     return out
+
+# %% ../../nbs/08a_step_checks.ipynb #cddd6b49
+def thin_records(records: list[dict[str, float]],  # host records in step order (`loop.history`)
+                 limit: int | None,  # the most records to keep (None: no limit)
+                 ) -> list[dict[str, float]]:  # at most `limit` records, the newest always kept
+    "Drop every second record, keeping the newest, until at most `limit` remain."
+    if limit is not None and limit < 2:
+        raise ValueError(f"Loop: history_max must be an int >= 2 (or None for no limit), got {limit!r}")
+    while limit is not None and len(records) > limit:
+        records = records[len(records) - 1::-2][::-1]
+    return records
 
 # %% ../../nbs/08a_step_checks.ipynb #670e1995
 def is_due(every: int | None,  # the period in steps (None or 0: never)
@@ -196,6 +207,14 @@ def is_due(every: int | None,  # the period in steps (None or 0: never)
            ) -> bool:  # whether a multiple of `every` lies in `(s0, s1]`
     "Whether periodic work of period `every` is due after a call that moved the clock from `s0` to `s1`."
     return bool(every) and s1 // every > s0 // every
+
+
+def steps_to_due(step: int,  # the clock's step now
+                 periods: Sequence[int | None],  # periods in steps (None entries are off)
+                 ) -> int | None:  # steps until the next multiple of any period, None when all are off
+    "Steps from `step` to the next step that is a multiple of one of `periods` (where a fused call must end)."
+    gaps = [p - step % p for p in periods if p]
+    return min(gaps) if gaps else None
 
 
 @dataclass(frozen=True)
