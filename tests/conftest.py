@@ -1,9 +1,12 @@
 """Shared pytest setup: JAX on CPU with strict rank promotion, so silent broadcasting bugs fail."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# `rlab` processes started by the tests share one compile cache of this session, never the user's ~/.cache
+os.environ.setdefault("RLAB_COMPILE_CACHE", tempfile.mkdtemp(prefix="rlab-test-jax-cache-"))
 
 import jax  # noqa: E402
 

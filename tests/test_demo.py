@@ -234,14 +234,11 @@ def test_demo_resume_of_a_finished_run(project: Path):
     assert '"total_steps": 4096' in (project / "runs" / run_id / "config.json").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="the Loop's Ctrl-C wording ('stopping after the step in progress', then "
-                                       "'stopped at step N') is P1's to fix in nbs/09_loop.ipynb; remove this mark "
-                                       "when both messages name the same step")
 def test_demo_ctrl_c_messages_agree(project: Path):
-    "What Ctrl-C announces ('stopping after step N') is where the run stops ('stopped at step N', 'update N')."
+    "What Ctrl-C announces ('stopping at step N') is where the run stops ('stopped at step N', 'update N')."
     out, err, rc = _interrupt_after_first_checkpoint(project, "save_every=5", "video=false")
     assert rc == 130, (out[-2000:], err[-3000:])
     stopped = int(re.search(r"interrupted at update (\d+)", out).group(1))
     assert f"stopped at step {stopped}" in out, out
-    announced = re.search(r"stopping after step (\d+)", out)
+    announced = re.search(r"stopping at step (\d+)", out)
     assert announced is not None and int(announced.group(1)) == stopped, out
