@@ -37,55 +37,70 @@ def _solo(config: PPOConfig, steps: int = STEPS) -> Loop:
     return loop
 
 
-@pytest.mark.parametrize("changes", [{}, {"lr": 1e-3}], ids=["seeds", "seeds+lr"])
-def test_member_equals_the_same_run_alone_bit_for_bit(changes: dict) -> None:
-    configs = [PPOConfig(seed=s, **SMALL) for s in range(3)]
-    configs[1] = configs[1].model_copy(update=changes) if changes else configs[1]
-    pop = PopulationLoop(configs, init_ppo, ppo_step, vectorize=False, progress=False, log_every=1)
+CONFIGS = [PPOConfig(seed=0, **SMALL), PPOConfig(seed=1, lr=1e-3, **SMALL), PPOConfig(seed=2, **SMALL)]
+
+
+@pytest.fixture(scope="module")
+def alone() -> dict[int, Loop]:
+    "Members 1 (its own learning rate) and 2 of CONFIGS, each run alone by an ordinary Loop."
+    return {i: _solo(CONFIGS[i]) for i in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def vmapped(tmp_path_factory: pytest.TempPathFactory) -> tuple[PopulationLoop, Path]:
+    "A vmapped population run STEPS steps, checkpointed half way; returns it and a copy of that checkpoint folder."
+    import shutil
+    folder = tmp_path_factory.mktemp("pop")
+    pop = PopulationLoop(CONFIGS, init_ppo, ppo_step, progress=False, log_every=1, checkpoint_dir=folder / "c")
+    pop.run(STEPS // 2)
+    shutil.copytree(folder / "c", folder / "half")
+    pop.run(STEPS - STEPS // 2)
+    return pop, folder / "half"
+
+
+@pytest.fixture(scope="module")
+def resumed(vmapped: tuple[PopulationLoop, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    "The half-way checkpoint resumed with a child MLflow run per member, run to STEPS; `(loop, telemetry, uri)`."
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    telemetry = mlflow_population(3, experiment="pop", run_name="ppo-pop", tracking_uri=uri, interval=0.1)
+    loop = PopulationLoop.resume(vmapped[1], ppo_step, like=[init_ppo(c) for c in CONFIGS], config=PPOConfig,
+                                 telemetry=telemetry, progress=False, log_every=1)
+    assert loop.step_count == STEPS // 2 and loop.config == vmapped[0].config
+    loop.run(STEPS - STEPS // 2)
+    loop.close()
+    return loop, telemetry, uri
+
+
+def test_member_equals_the_same_run_alone_bit_for_bit(alone: dict[int, Loop]) -> None:
+    pop = PopulationLoop(CONFIGS, init_ppo, ppo_step, vectorize=False, progress=False, log_every=1)
     pop.run(STEPS)
-    for i in (1, 2):
-        alone = _solo(configs[i])
+    for i, solo in alone.items():  # member 1 has its own lr: a varying hyper-parameter, still bit for bit
         member = pop.member(i)
-        assert _same_bits(member.state, alone.state), f"member {i} differs from its run alone"
-        assert member.history == alone.history
-        assert member.config == configs[i]
+        assert _same_bits(member.state, solo.state), f"member {i} differs from its run alone"
+        assert member.history == solo.history
+        assert member.config == CONFIGS[i]
 
 
-def test_vmapped_member_matches_the_run_alone_to_float32_rounding() -> None:
-    configs = [PPOConfig(seed=s, **SMALL) for s in range(3)]
-    pop = PopulationLoop(configs, init_ppo, ppo_step, progress=False, log_every=1)
-    pop.run(STEPS)
-    alone = _solo(configs[2])
-    for x, y in zip(_leaves(pop.member(2).state), _leaves(alone.state)):
-        if np.issubdtype(x.dtype, np.floating):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-        else:
-            np.testing.assert_array_equal(x, y)
+def test_vmapped_member_matches_the_run_alone_to_float32_rounding(vmapped: tuple, alone: dict[int, Loop]) -> None:
+    for i, solo in alone.items():
+        for x, y in zip(_leaves(vmapped[0].member(i).state), _leaves(solo.state)):
+            if np.issubdtype(x.dtype, np.floating):
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(x, y)
 
 
-def test_checkpoint_and_resume_of_the_whole_population_is_bit_exact(tmp_path: Path) -> None:
-    configs = [PPOConfig(seed=s, lr=lr, **SMALL) for s, lr in [(0, 2.5e-4), (1, 1e-3), (2, 5e-4)]]
-    straight = PopulationLoop(configs, init_ppo, ppo_step, progress=False, log_every=1)
-    straight.run(STEPS)
-    first = PopulationLoop(configs, init_ppo, ppo_step, progress=False, log_every=1, checkpoint_dir=tmp_path / "c")
-    first.run(STEPS // 2)
-    resumed = PopulationLoop.resume(tmp_path / "c", ppo_step, like=[init_ppo(c) for c in configs], config=PPOConfig,
-                                    progress=False, log_every=1)
-    assert resumed.step_count == STEPS // 2 and resumed.config == first.config
-    resumed.run(STEPS - STEPS // 2)
-    assert _same_bits(resumed.state, straight.state)
-    assert resumed.history == straight.history[STEPS // 2:]
-    assert resumed.member(1).config.lr == 1e-3
+def test_checkpoint_and_resume_of_the_whole_population_is_bit_exact(vmapped: tuple, resumed: tuple) -> None:
+    straight, loop = vmapped[0], resumed[0]
+    assert _same_bits(loop.state, straight.state)
+    assert loop.history == straight.history[STEPS // 2:]
+    assert loop.member(1).config.lr == 1e-3
 
 
-def test_one_child_run_per_member_in_a_real_mlflow_store(sqlite_uri: str) -> None:
+def test_one_child_run_per_member_in_a_real_mlflow_store(resumed: tuple) -> None:
     from mlflow import MlflowClient
-    configs = [PPOConfig(seed=s, lr=lr, **SMALL) for s, lr in [(0, 2.5e-4), (1, 1e-3), (2, 5e-4)]]
-    telemetry = mlflow_population(3, experiment="pop", run_name="ppo-pop", tracking_uri=sqlite_uri, interval=0.1)
-    pop = PopulationLoop(configs, init_ppo, ppo_step, telemetry=telemetry, progress=False, log_every=2)
-    pop.run(STEPS)
-    pop.close()
-    client = MlflowClient(tracking_uri=sqlite_uri)
+    loop, telemetry, uri = resumed
+    client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(telemetry.parent.run_id)
     assert parent.data.params["population.size"] == "3"
     assert parent.data.params["population.varying"] == "lr,seed"
@@ -96,15 +111,15 @@ def test_one_child_run_per_member_in_a_real_mlflow_store(sqlite_uri: str) -> Non
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 3
     by_member = {int(r.data.tags["rlab.population.member"]): r for r in children}
-    for i, c in enumerate(configs):
+    for i, c in enumerate(CONFIGS):
         run = by_member[i]
         assert run.info.run_name == f"ppo-pop/member-{i}" and run.info.status == "FINISHED"
         assert (float(run.data.params["lr"]), int(run.data.params["seed"])) == (c.lr, c.seed)
         history = client.get_metric_history(run.info.run_id, "policy_loss")
-        expected = [(r["step"], r["policy_loss"]) for r in pop.member_history(i)]
-        assert [(m.step, m.value) for m in history] == expected
+        expected = [(r["step"], r["policy_loss"]) for r in loop.member_history(i)]
+        assert [(m.step, m.value) for m in history] == expected and len(expected) == STEPS - STEPS // 2
     means = client.get_metric_history(parent.info.run_id, "episode_return")
-    assert [m.step for m in means] == [2, 4]
+    assert [m.step for m in means] == list(range(STEPS // 2 + 1, STEPS + 1))
 
 
 def test_a_field_that_changes_shapes_or_trace_is_refused_before_anything_runs(tmp_path: Path) -> None:
