@@ -12,10 +12,11 @@ from researchlab.tracking.compare import default_groups, find_runs, group_stats,
 matplotlib.use("Agg")
 
 
-@pytest.fixture
-def sweep(sqlite_uri: str) -> tuple[str, str]:
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     "lr in {1e-3, 1e-2} x seed in {0, 1, 2}, children of one parent run, plus a run outside the sweep; `(uri, parent)`."
     from mlflow import MlflowClient
+    sqlite_uri = f"sqlite:///{tmp_path_factory.mktemp('sweep') / 'mlflow.db'}"  # one store for the module's tests
     client = MlflowClient(tracking_uri=sqlite_uri)
     exp = client.create_experiment("lr-sweep")
     parent = client.create_run(exp, run_name="sweep").info.run_id
