@@ -165,3 +165,19 @@ def test_population_telemetry_routes_member_keys_and_refuses_nothing_else() -> N
     t.log_metrics({"loss": 1.0, "loss/0": 2.0, "loss/1": 3.0, "loss/7": 4.0}, 5)
     assert kids[0].seen == [(5, {"loss": 2.0})] and kids[1].seen == [(5, {"loss": 3.0})]
     assert parent.seen == [(5, {"loss": 1.0, "loss/7": 4.0})]  # no member 7: kept whole, for the parent
+
+
+def test_a_nested_field_varies_per_member() -> None:
+    from _configs import Cfg, Optim
+
+    def step(state: _St, config: Cfg, batch: object) -> tuple[_St, dict]:
+        return _St(state.w - config.optim.lr, state.clock), {"w": state.w.sum()}
+
+    configs = [Cfg(seed=0, optim=Optim(lr=0.5)), Cfg(seed=0, optim=Optim(lr=0.25))]
+    pop = PopulationLoop(configs, lambda c: _St(jnp.zeros(2), Clock()), step, progress=False, log_every=1)
+    assert pop.config.varying == ("optim.lr",)
+    pop.run(2)
+    np.testing.assert_array_equal(pop.state.members.w, [[-1.0, -1.0], [-0.5, -0.5]])
+    assert [r["w"] for r in pop.member_history(1)] == [0.0, -0.5]
+    with pytest.raises(ValueError, match=r"differ in 'optim.betas'.*not an int or float field"):
+        PopulationLoop([Cfg(), Cfg(optim=Optim(betas=(0.8, 0.9)))], lambda c: _St(jnp.zeros(2), Clock()), step)
