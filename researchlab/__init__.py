@@ -67,6 +67,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.design.compile_cache": (
         "CACHE_ENV", "default_cache_dir", "enable_compile_cache", "compile_cache_dir",
     ),
+    "researchlab.design.population": (
+        "PopulationConfig", "with_fields", "PopulationState", "stack_states", "member_state", "member_key",
+        "split_member_key", "population_kernel", "PopulationProvider", "PopulationLoop", "PopulationTelemetry",
+        "mlflow_population",
+    ),
     "researchlab.tracking.utils": (
         "GitStateWarning", "GitState", "patch_bytes", "strip_url_credentials", "SECRET_PATTERNS",
         "get_git_state", "find_run_by_rlab_id", "generate_run_id", "log_flattened_params", "clean_notebook",
@@ -78,6 +83,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "researchlab.tracking.magic": (
         "RlabMagics", "load_ipython_extension", "run_banner",
+    ),
+    "researchlab.tracking.compare": (
+        "find_runs", "run_histories", "default_groups", "group_stats", "plot_runs",
     ),
     "researchlab.rl.advantages": (
         "Scale", "compute_ppo_advantages", "compute_grpo_advantages", "normalize_advantages",

@@ -20,11 +20,11 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.design.mlflow_telemetry", "researchlab.design.persist",
                    "researchlab.design.eqx_persist", "researchlab.design.orbax_persist", "researchlab.design.infra",
                    "researchlab.design.visualizer", "researchlab.design.step_checks", "researchlab.design.loop",
-                   "researchlab.design.widget", "researchlab.design.compile_cache",
+                   "researchlab.design.widget", "researchlab.design.population", "researchlab.design.compile_cache",
                    "researchlab.tracking.utils", "researchlab.llm.types", "researchlab.llm.tokenizers",
                    "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate", "researchlab.llm.lora",
-                   "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.rl",
-                   "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
+                   "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.tracking.compare",
+                   "researchlab.rl", "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
                    "researchlab.llm.rewards"]
 TYPEVARS = {"S", "C", "T"}
 
