@@ -155,7 +155,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "researchlab.llm.rewards": (
         "RewardFn", "BatchRewardFn", "compute_vector_reward", "compute_scalar_reward", "compute_batch_rewards",
-        "combine_rewards", "final_text", "last_number", "exact_match_reward", "numeric_match_reward", "format_reward",
+        "combine_rewards", "final_text", "last_number", "normalize_answer", "exact_match_reward", "numeric_match_reward", "format_reward",
         "tool_use_reward", "length_reward", "Scorer", "RewardModel", "reward_model_from", "init_reward_model",
         "reward_model_scores", "bradley_terry_loss", "save_reward_model", "load_reward_model",
         "compute_reward_model_score",

@@ -37,10 +37,10 @@ from researchlab.rl.rewards import (
 
 # %% auto #0
 __all__ = ['RewardFn', 'BatchRewardFn', 'compute_vector_reward', 'compute_scalar_reward', 'compute_batch_rewards',
-           'combine_rewards', 'final_text', 'last_number', 'exact_match_reward', 'numeric_match_reward',
-           'format_reward', 'tool_use_reward', 'length_reward', 'Scorer', 'RewardModel', 'reward_model_from',
-           'init_reward_model', 'reward_model_scores', 'bradley_terry_loss', 'save_reward_model', 'load_reward_model',
-           'compute_reward_model_score']
+           'combine_rewards', 'final_text', 'last_number', 'normalize_answer', 'exact_match_reward',
+           'numeric_match_reward', 'format_reward', 'tool_use_reward', 'length_reward', 'Scorer', 'RewardModel',
+           'reward_model_from', 'init_reward_model', 'reward_model_scores', 'bradley_terry_loss', 'save_reward_model',
+           'load_reward_model', 'compute_reward_model_score']
 
 # %% ../../nbs/49_llm_rewards.ipynb #5af9a7aa
 RewardFn = Callable[[Rollout], Any]  # rollout -> float | [K]
@@ -132,7 +132,9 @@ def _reference(rollout: Rollout, key: str, fn: str) -> Any:
     return rollout.metadata[key]
 
 
-def _normalize(text: str) -> str:
+def normalize_answer(text: str,  # an answer as written
+                     ) -> str:  # its words joined by single spaces, case-folded
+    "The default answer normalisation of `exact_match_reward`: whitespace collapsed, case folded."
     return " ".join(str(text).split()).casefold()
 
 # %% ../../nbs/49_llm_rewards.ipynb #85d451b1
@@ -140,7 +142,7 @@ def exact_match_reward(
     answer_key: str = "answer",  # the metadata key of the reference answer
     *,
     extract: Callable[[Rollout], str] = final_text,  # the text to compare
-    normalize: Callable[[str], str] = _normalize,  # applied to both sides (whitespace and case by default)
+    normalize: Callable[[str], str] = normalize_answer,  # applied to both sides (whitespace and case by default)
     correct: float = 1.0,  # reward on a match
     wrong: float = 0.0,  # reward otherwise
 ) -> RewardFn:
