@@ -22,7 +22,7 @@ from .data import DataProvider, NoBatch
 from .loop import Loop
 from .persist import Persister
 from .step_checks import ClockAccessor, check_output, clock_getter, find_clock, split_state
-from .telemetry import Scalar, Telemetry
+from .telemetry import MultiTelemetry, Scalar, Telemetry
 from .utils import flatten_config
 
 # %% auto #0
@@ -460,19 +460,11 @@ class PopulationTelemetry(Telemetry):
             self.parent.log_params(params)
 
     def flush(self) -> None:
-        for t in self._all():
-            t.flush()
+        MultiTelemetry(*self._all()).flush()
 
     def close(self) -> None:
         "Close the children, then the parent, even when one fails; the first error is raised afterwards."
-        errors = []
-        for t in self._all():
-            try:
-                t.close()
-            except Exception as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        MultiTelemetry(*self._all()).close()
 
     @property
     def closed(self) -> bool:

@@ -231,7 +231,7 @@ class ScriptedGenerator:
             finish[row] = int(bool(turn) and turn[-1] in config.stop_token_ids)
         self.calls += 1
         lp = completion_logprobs(model, prompt_ids_B_P, prompt_mask_B_P, jnp.asarray(ids), jnp.asarray(mask),
-                                 config.temperature)
+                                 config.temperature, config.allowed_token_ids)
         return Generation(jnp.asarray(prompt_ids_B_P, jnp.int32), jnp.asarray(prompt_mask_B_P, jnp.float32),
                           jnp.asarray(ids), lp, jnp.asarray(mask), jnp.asarray(finish))
 
@@ -242,10 +242,11 @@ class ScriptedGenerator:
                  completion_ids_B_T: jax.Array,  # completion tokens
                  completion_mask_B_T: jax.Array,  # 1 on real completion tokens
                  temperature: float = 1.0,  # the sampler's temperature
+                 allowed_token_ids: tuple[int, ...] = (),  # the sampler's allowed tokens; () allows all
                  ) -> jax.Array:
         "Teacher-forced log-probabilities."
         return completion_logprobs(model, prompt_ids_B_P, prompt_mask_B_P, completion_ids_B_T, completion_mask_B_T,
-                                   temperature)
+                                   temperature, allowed_token_ids)
 
     def update_weights(self,
                        model: Llama,  # the new policy
