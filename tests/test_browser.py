@@ -6,23 +6,14 @@ Skipped with a reason when chromium or playwright is missing; to run it:
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-REPO = Path(__file__).resolve().parent.parent
+from _lab import CHROMIUM, jupyter_lab, launch_chromium
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason="chromium is not installed (apt-get install -y chromium)")
@@ -54,12 +45,6 @@ loop.progress = True
 state = loop.run(1_000_000)  # stopped by Kernel > Interrupt
 print(f"returned at {loop.step_count} with clock {int(state.clock.step)}")
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CLOSED_TELEMETRY = """
@@ -141,44 +126,13 @@ def lab_clips(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 def _lab(tmp_path: Path, cells: list[str]) -> Iterator[tuple[str, Path]]:
     "Start JupyterLab on a notebook of `cells`; yield its URL and the temp folder; stop it afterwards."
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    root, conf = tmp_path / "root", tmp_path / "jupyter"
+    root = tmp_path / "root"
     root.mkdir()
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     nbformat.write(nb, root / "loop.ipynb")
-    settings = conf / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
-    port, token = _free_port(), "rlab-test-token"
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(conf / "config"), "JUPYTER_RUNTIME_DIR": str(conf / "runtime"),
-           "JUPYTERLAB_SETTINGS_DIR": str(conf / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(conf / "ws"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"}
-    log = open(tmp_path / "lab.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
-                             "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}", "--allow-root",
-                             f"--ServerApp.root_dir={root}"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"jupyter lab did not start: {(tmp_path / 'lab.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-        yield f"{url}/lab/tree/loop.ipynb?token={token}", tmp_path
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+    with jupyter_lab(tmp_path, root, "loop.ipynb") as url:
+        yield url, tmp_path
 
 
 def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> None:
@@ -186,9 +140,7 @@ def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> N
 
     url, _ = lab
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
@@ -239,19 +191,13 @@ def test_widget_buttons_drive_the_loop_in_jupyterlab(lab: tuple[str, Path]) -> N
             browser.close()
 
 
-def _browser(pw: object) -> object:
-    return pw.chromium.launch(executable_path=CHROMIUM, args=[
-        "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"])
-
-
 def test_widget_shows_an_error_of_its_worker_and_gives_the_buttons_back(lab_closed_telemetry: tuple[str, Path]) -> None:
     "Run N on a Loop whose telemetry was closed: the status line says why it stopped, and the buttons come back."
     from playwright.sync_api import expect, sync_playwright
 
     url, _ = lab_closed_telemetry
     with sync_playwright() as pw:
-        browser = _browser(pw)
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
@@ -289,7 +235,7 @@ def test_default_plot_is_sharp_svg_of_the_primary_metrics(lab_plot: tuple[str, P
 
     url, _ = lab_plot
     with sync_playwright() as pw:
-        browser = _browser(pw)
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000}, device_scale_factor=2)
             _run_all(page, url)
@@ -334,7 +280,7 @@ def test_clip_slider_shows_the_clip_of_the_chosen_step(lab_clips: tuple[str, Pat
 
     url, _ = lab_clips
     with sync_playwright() as pw:
-        browser = _browser(pw)
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             _run_all(page, url)

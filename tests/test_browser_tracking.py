@@ -7,23 +7,15 @@ Skipped with a reason when chromium or playwright is missing; to run it:
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
+from _lab import CHROMIUM, jupyter_lab, launch_chromium
 from mlflow.tracking import MlflowClient
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason="chromium is not installed (apt-get install -y chromium)")
@@ -31,17 +23,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 RUN = "%%rlab_run browser --uri $uri --name 2026-03-03_out-of-order\nprint('tracked with a =', a, 'and b =', b)"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[str, str, list[str]]]:
     "JupyterLab on 127.0.0.1 serving a git repository with one notebook; yields its URL, the store URI, the cells."
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    root, conf = tmp_path / "root", tmp_path / "jupyter"
+    root = tmp_path / "root"
     root.mkdir()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cells = [f'%load_ext researchlab\nuri = "{uri}"', "a = 10", "b = 2", RUN]
@@ -52,40 +38,9 @@ def lab(tmp_path: Path) -> Iterator[tuple[str, str, list[str]]]:
            "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
     for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "init"]):
         subprocess.run(["git", *args], cwd=root, env=env, check=True)
-    settings = conf / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
-    port, token = _free_port(), "rlab-test-token"
-    env.update({"JUPYTER_CONFIG_DIR": str(conf / "config"), "JUPYTER_RUNTIME_DIR": str(conf / "runtime"),
-                "JUPYTERLAB_SETTINGS_DIR": str(conf / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(conf / "ws"),
-                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                "JAX_PLATFORMS": "cpu", "MPLBACKEND": "Agg"})
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp_path / "lab.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
-                             "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}", "--allow-root",
-                             f"--ServerApp.root_dir={root}"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"jupyter lab did not start: {(tmp_path / 'lab.log').read_text()[-2000:]}")
-                time.sleep(0.3)
-        yield f"{url}/lab/tree/track.ipynb?token={token}", uri, cells
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+    with jupyter_lab(tmp_path, root, "track.ipynb", env) as url:
+        yield url, uri, cells
 
 
 def test_executed_cells_artifact_holds_the_cells_in_execution_order(lab: tuple[str, str, list[str]]) -> None:
@@ -93,9 +48,7 @@ def test_executed_cells_artifact_holds_the_cells_in_execution_order(lab: tuple[s
 
     url, uri, cells = lab
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)

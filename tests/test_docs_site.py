@@ -22,7 +22,6 @@ import importlib
 import inspect
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -32,10 +31,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from _lab import CHROMIUM, launch_chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "out" / "docs"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 sys.path.insert(0, str(ROOT / "tools"))
 from docs import find_quarto  # noqa: E402
 
@@ -106,9 +105,7 @@ def browser(site: tuple[str, Path]) -> Iterator[object]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        b = launch_chromium(pw)
         try:
             yield b
         finally:
