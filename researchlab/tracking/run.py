@@ -436,19 +436,21 @@ class RunPlan:
     fork: dict[str, object] | None = None  # a fork's parent, step, restored State and changes
 
 # %% ../../nbs/14_tracking_run.ipynb #bf95599a
-def _resume_command(options: RunOptions, target: str, run_id: str, tracking_uri: str) -> str:
-    if options.resume_format is not None:
-        return options.resume_format(run_id, tracking_uri)
-    return resume_command(target, run_id, tracking_uri)
+def _resume_command(plan: RunPlan, run_id: str, tracking_uri: str) -> str:
+    if plan.options.resume_format is not None:
+        return plan.options.resume_format(run_id, tracking_uri)
+    return resume_command(plan.target, run_id, tracking_uri, plan.runs_dir)
 
 
 def resume_command(target: str,  # the run's TARGET
                    run_id: str,  # the run's id (its `rlab.run_id`)
                    tracking_uri: str = DEFAULT_TRACKING_URI,  # where the run is tracked; named unless the default
+                   runs_dir: str | Path = DEFAULT_RUNS_DIR,  # where its folder is; named unless the default
                    ) -> str:  # e.g. `rlab run researchlab.examples.demo:ppo_experiment --resume 2026-12-02_brave-otter`
     "The command that continues run `run_id` (tagged on the run as `rlab.resume_command`)."
     where = "" if tracking_uri == DEFAULT_TRACKING_URI else " --tracking-uri " + shlex.quote(redact(tracking_uri))
-    return f"rlab run {target} --resume {run_id}{where}"
+    folder = "" if Path(runs_dir) == Path(DEFAULT_RUNS_DIR) else " --runs-dir " + shlex.quote(str(runs_dir))
+    return f"rlab run {target} --resume {run_id}{where}{folder}"
 
 
 def _find_mlflow_run(run_id: str, tracking_uri: str, where: str) -> tuple[MlflowClient, Run] | None:
@@ -506,7 +508,7 @@ def _replace(cli: Config, values: Mapping[str, object]) -> Config:
     except ValidationError as e:
         raise CLIError(f"invalid option value: {validation_problems(e, values)}") from None
 
-# %% ../../nbs/14_tracking_run.ipynb #10f24d14
+# %% ../../nbs/14_tracking_run.ipynb #afe9ec89
 def _plan_resume(plan: RunPlan, builder: Callable, cls: type[Config]) -> RunPlan:
     "Find the run to resume (under runs_dir, else in MLflow) and check what resuming it means; writes nothing."
     opts, run_id, given, prog = plan.options, plan.options.resume, plan.given, plan.options.prog
@@ -546,7 +548,7 @@ def _plan_resume(plan: RunPlan, builder: Callable, cls: type[Config]) -> RunPlan
     files = {} if have_local else {"config.json": config, "cli.json": saved}
     finished = found is not None and found[1].info.status == "FINISHED"
     unit = saved_exp.unit
-    again = _resume_command(opts, plan.target, run_id, uri)
+    again = _resume_command(plan, run_id, uri)
     if "total_steps" not in given:
         if finished:
             length = f", total_steps={saved.total_steps}" if "total_steps" in cls.model_fields else ""
@@ -570,7 +572,7 @@ def _plan_resume(plan: RunPlan, builder: Callable, cls: type[Config]) -> RunPlan
     plan.files, plan.log_files = {"config.json": longer.config, "cli.json": longer_cli}, True
     return plan
 
-# %% ../../nbs/14_tracking_run.ipynb #9556ef75
+# %% ../../nbs/14_tracking_run.ipynb #c33b95d2
 def _parse_fork(spec: str) -> tuple[str, int]:
     run_id, sep, step = spec.rpartition("@")
     if not sep or not run_id or not step.isdigit():
@@ -638,7 +640,7 @@ def _plan_fork(plan: RunPlan, builder: Callable, cls: type[Config]) -> RunPlan:
                      state=state, source=source)
     return plan
 
-# %% ../../nbs/14_tracking_run.ipynb #c33b95d2
+# %% ../../nbs/14_tracking_run.ipynb #10ec0be8
 def plan_run(target: str,  # `package.module:function`, the builder
              overrides: Mapping[str, object] | Sequence[str] = (),  # `key=value` strings or a mapping of options
              options: RunOptions | None = None,  # the flags; None: a new run with the defaults
@@ -663,7 +665,7 @@ def plan_run(target: str,  # `package.module:function`, the builder
     plan.files, plan.log_files = {"config.json": exp.config, "cli.json": cli}, True
     return plan
 
-# %% ../../nbs/14_tracking_run.ipynb #3863df3e
+# %% ../../nbs/14_tracking_run.ipynb #3ca8f187
 class RunProgress(Telemetry):
     "A one-line terminal progress bar: Loop steps done and a few of the logged metrics."
 
@@ -718,7 +720,7 @@ def _note_takeover(lock: RunLock, prog: str) -> None:
     if lock.previous:
         print(f"{prog}: took over the lock of a process that is gone ({lock.previous}); {lock.path}", file=sys.stderr)
 
-# %% ../../nbs/14_tracking_run.ipynb #3ca8f187
+# %% ../../nbs/14_tracking_run.ipynb #1fcce88d
 def _fetch_if_newer(plan: RunPlan, ckpt: Path) -> int:
     "Download the run's logged checkpoint when it is newer than the local ones; the slot to write first."
     client, run = plan.mlflow
@@ -765,7 +767,7 @@ def _equivalent_command(plan: RunPlan) -> str:
         args += ["--tag", f"{k}={v}"]
     return shlex.join(args)
 
-# %% ../../nbs/14_tracking_run.ipynb #1fcce88d
+# %% ../../nbs/14_tracking_run.ipynb #261f215d
 def execute_plan(plan: RunPlan,  # from `plan_run`
                  progress: bool = False,  # show the terminal progress bar
                  ) -> dict[str, object]:  # `run_id`, `mlflow_run_id`, `step`, `interrupted`, `signal`, ... and `finish`'s extras
@@ -809,7 +811,7 @@ def _train(plan: RunPlan, progress: bool, held: ExitStack, result: dict[str, obj
         if plan.extended_from is not None:
             client.set_tag(tracker.run_id, "rlab.extended",
                            f"total_steps {plan.extended_from} -> {plan.cli.total_steps}")
-        again = _resume_command(opts, plan.target, tracker.run_name, tracker.tracking_uri)
+        again = _resume_command(plan, tracker.run_name, tracker.tracking_uri)
         client.set_tag(tracker.run_id, "rlab.resume_command", again)
         first_slot = _fetch_if_newer(plan, ckpt) if resume and plan.mlflow else 0
         start_over = resume is not None and _local_step(ckpt) is None
@@ -852,7 +854,7 @@ def _train(plan: RunPlan, progress: bool, held: ExitStack, result: dict[str, obj
             result.update(exp.finish(loop, run_dir, client, tracker.run_id))
         client.delete_tag(tracker.run_id, "rlab.resume_command")  # finished: `--resume` now only says so
 
-# %% ../../nbs/14_tracking_run.ipynb #261f215d
+# %% ../../nbs/14_tracking_run.ipynb #23f43245
 def run_target(target: str,  # `package.module:function`, the builder
                overrides: Mapping[str, object] | Sequence[str] = (),  # `key=value` strings or a mapping of options
                *,
@@ -872,7 +874,7 @@ def run_target(target: str,  # `package.module:function`, the builder
                          parent_run_id, dict(tags or {}), resume, fork, command=command)
     return execute_plan(plan_run(target, overrides, options), progress=progress)
 
-# %% ../../nbs/14_tracking_run.ipynb #573fdd8c
+# %% ../../nbs/14_tracking_run.ipynb #5baff1df
 _FLAGS = {"--experiment": "experiment", "--tracking-uri": "tracking_uri", "--runs-dir": "runs_dir",
           "--run-name": "run_name", "--parent-run-id": "parent_run_id", "--resume": "resume", "--fork": "fork"}
 _METAVARS = {"--experiment": "NAME", "--tracking-uri": "URI", "--runs-dir": "DIR", "--run-name": "NAME",
@@ -956,7 +958,7 @@ def parse_run_args(args: Sequence[str],  # the arguments after `rlab run`
                        f"researchlab.examples.demo:ppo_experiment total_steps=20000")
     return target, pairs, RunOptions(**values, tags=tags, prog=prog), progress
 
-# %% ../../nbs/14_tracking_run.ipynb #5baff1df
+# %% ../../nbs/14_tracking_run.ipynb #25779afb
 def summary_lines(res: Mapping[str, object],  # what `run_target` returned for a run that trained to the end
                   prog: str = "rlab run",  # the command, for the last line
                   ) -> list[str]:
