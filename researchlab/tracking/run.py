@@ -592,6 +592,9 @@ def _plan_fork(plan: RunPlan, builder: Callable, cls: type[Config]) -> RunPlan:
         raise CLIError(f"--fork {opts.fork}: the MLflow store {redact(uri)} has no run with rlab.run_id {parent}; "
                        f"pass the tracking URI of the run (--tracking-uri URI)")
     client, run = found
+    if (made_by := run.data.tags.get("rlab.target")) and made_by != plan.target:
+        raise CLIError(f"--fork {opts.fork}: run {parent} was made by {made_by}, not {plan.target}; fork it with "
+                       f"rlab run {made_by} --fork {opts.fork}")
     texts = _saved_files(parent, run_dir, found, f"--fork {opts.fork}")
     parent_cli = cls.from_json(texts["cli.json"])
     parent_exp = build_experiment(builder, parent_cli, plan.target)
@@ -613,26 +616,24 @@ def _plan_fork(plan: RunPlan, builder: Callable, cls: type[Config]) -> RunPlan:
     manager = CheckpointManager(ckpt, EquinoxPersister(), create=False) if ckpt.is_dir() else None
     local_steps = [s for s, _ in manager.checkpoints()] if manager is not None else []
     hit = checkpoint_at_or_before(manager.checkpoints(), step) if manager is not None else None
-    held = ExitStack()
     if hit is not None:
         state, _, restored = manager.restore(like, config_cls, hit[1])
         source = str(hit[1])
     else:
-        tmp = held.enter_context(tempfile.TemporaryDirectory(prefix="rlab-fork-"))
-        got = fetch_logged_checkpoint(client, run.info.run_id, like, tmp, config_cls, at_most=step, prog=prog)
+        with tempfile.TemporaryDirectory(prefix="rlab-fork-") as tmp:
+            got = fetch_logged_checkpoint(client, run.info.run_id, like, tmp, config_cls, at_most=step, prog=prog)
+            if got is not None:
+                state, _, _ = CheckpointManager(tmp, EquinoxPersister(), create=False).restore(like, config_cls)
         if got is None:
             logged = logged_checkpoint_steps(client, run.info.run_id, like, config_cls)
             where = [f"{', '.join(map(str, local_steps))} ({ckpt})"] if local_steps else []
             if logged:
                 where.append(f"{', '.join(map(str, logged))} (logged to its MLflow run)")
             have = " and ".join(where) if where else "none (it has no checkpoint yet)"
-            held.close()
             raise CLIError(f"--fork {opts.fork}: run {parent} has no checkpoint at or before step {step}; the steps "
                            f"with one: {have}")
         restored = got[0]
-        state, _, _ = CheckpointManager(tmp, EquinoxPersister(), create=False).restore(like, config_cls)
         source = f"{ARTIFACT_DIR}/checkpoint/{got[1]} of MLflow run {run.info.run_id}"
-        held.close()
     plan.cli, plan.experiment, plan.tracking_uri = child_cli, child_exp, uri
     plan.experiment_name = opts.experiment or client.get_experiment(run.info.experiment_id).name
     plan.files, plan.log_files = {"config.json": child_exp.config, "cli.json": child_cli}, True
