@@ -87,6 +87,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.tracking.compare": (
         "find_runs", "run_histories", "default_groups", "group_stats", "plot_runs",
     ),
+    "researchlab.tracking.reproduce": (
+        "REPRODUCES_TAG", "ReproduceError", "find_run_by_id", "RunRecipe", "run_recipe", "run_checkout",
+        "MetricDifference", "first_difference", "EnvironmentDifference", "environment_differences",
+        "ReproduceReport", "compare_runs", "absolute_tracking_uri", "rerun_command", "reproduce", "reproduce_main",
+    ),
     "researchlab.rl.advantages": (
         "Scale", "compute_ppo_advantages", "compute_grpo_advantages", "normalize_advantages",
     ),

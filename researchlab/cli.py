@@ -14,6 +14,7 @@ __all__ = ['main']
 # %% ../nbs/31_cli.ipynb #9fa68ed0
 _HELP = ("usage: rlab demo [key=value ...] [--resume RUN_ID]   (rlab demo --help for the options)\n"
          "       rlab upload SPOOL... [--tracking-uri URI]     (send what a run spooled while MLflow was down)\n"
+         "       rlab reproduce RUN_ID [--tracking-uri URI]    (run it again from its commit and patch, compare the metrics)\n"
          "rlab demo keeps compiled programs in ~/.cache/researchlab/jax; RLAB_COMPILE_CACHE=DIR moves it, =off stops it")
 
 
@@ -36,6 +37,7 @@ def _demo(args: list[str]) -> int:
 
 
 _COMMANDS = {"demo": _demo, "upload": _upload}
+_COMMANDS["reproduce"] = lambda args: __import__("researchlab.tracking.reproduce", fromlist=["_"]).reproduce_main(args[1:])
 
 
 def main(argv: Sequence[str] | None = None,  # the arguments after `rlab` (None: `sys.argv[1:]`)
