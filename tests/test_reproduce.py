@@ -1,0 +1,188 @@
+"""`reproduce` with real git repositories and real MLflow runs: the checkout of a run made from a dirty tree
+(staged, unstaged, untracked, binary) holds the run's bytes; a tampered patch, a missing git state, a missing
+target and an unknown commit are refused before anything is created; a differing metric is reported with its
+first step; and a PPO run made by `rlab run` from a dirty clone of this project reproduces bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from researchlab.tracking.reproduce import (
+    MetricDifference,
+    ReproduceError,
+    compare_runs,
+    find_run_by_id,
+    reproduce,
+    reproduce_main,
+    run_checkout,
+    run_recipe,
+)
+from researchlab.tracking.tracker import GIT_PATCH, ExperimentTracker
+
+TARGET = "project.train:experiment"
+
+
+@pytest.fixture(autouse=True)
+def clean_mlflow(monkeypatch: pytest.MonkeyPatch, isolated_git: None) -> Iterator[None]:
+    "Git identity via env vars (conftest); no MLflow run or tracking URI leaks from one test into the next."
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    "A sqlite store with MLflow's tables created once (the migrations take seconds); tests get copies."
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def sqlite_uri(empty_store: Path, tmp_path: Path) -> str:
+    "A fresh sqlite store of this test's own (a copy of the empty one)."
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def git(repo: Path, *args: str) -> str:
+    r = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0, f"git {' '.join(args)} failed: {r.stderr}"
+    return r.stdout
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    "Every file under `root` (its `.git` left out) -> its bytes."
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".git" not in p.relative_to(root).parts}
+
+
+def worktrees(repo: Path) -> int:
+    return git(repo, "worktree", "list", "--porcelain").count("worktree ")
+
+
+@pytest.fixture
+def dirty_repo(tmp_path: Path) -> Path:
+    "A repository with one commit, then a staged edit, an unstaged edit, a changed tracked binary, a deletion, "
+    "an untracked text file and an untracked binary file."
+    repo = tmp_path / "project"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "model.py").write_text("width = 8\n")
+    (repo / "pkg" / "staged.py").write_text("a = 1\n")
+    (repo / "table.bin").write_bytes(bytes(range(256)))
+    (repo / "old.txt").write_text("to be deleted\n")
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "base")
+    (repo / "pkg" / "staged.py").write_text("a = 2\n")
+    git(repo, "add", "pkg/staged.py")
+    (repo / "pkg" / "model.py").write_text("width = 16  # not staged\n")
+    (repo / "table.bin").write_bytes(bytes(reversed(range(256))) + b"\0\r\n")
+    (repo / "old.txt").unlink()
+    (repo / "notes.txt").write_text("untracked\n")
+    (repo / "weights.bin").write_bytes(b"\0\xff\x00\x10binary\0")
+    return repo
+
+
+def tracked_run(uri: str, repo: Path, metrics: list[float] | None = None, target: str | None = TARGET,
+                cli: dict | None = None) -> ExperimentTracker:
+    "A run made by `ExperimentTracker` in `repo`, with the target tag and CLI config `rlab run` records."
+    tags = {"rlab.target": target} if target else {}
+    with ExperimentTracker("reproduce-test", tracking_uri=uri, repo_path=repo, log_notebook=False, tags=tags) as t:
+        mlflow.log_dict(cli if cli is not None else {"seed": 0, "lr": 0.001}, "rlab/cli.json")
+        for step, value in enumerate(metrics or [], 1):
+            mlflow.log_metrics({"loss": value, "lr": 0.001}, step=step)
+    return t
+
+
+def test_checkout_of_a_dirty_run_holds_its_bytes(sqlite_uri: str, dirty_repo: Path) -> None:
+    dirty = tree(dirty_repo)
+    t = tracked_run(sqlite_uri, dirty_repo)
+    client = MlflowClient(sqlite_uri)
+    recipe = run_recipe(find_run_by_id(t.run_name, client), client)
+    assert (recipe.target, recipe.cli, recipe.base_commit) == (TARGET, {"seed": 0, "lr": 0.001},
+                                                               git(dirty_repo, "rev-parse", "HEAD").strip())
+    status_before = git(dirty_repo, "status", "--porcelain=v2", "--untracked-files=all")
+    with run_checkout(recipe, dirty_repo) as worktree:
+        assert tree(worktree) == dirty  # text and binary, tracked and untracked, the deletion too
+        assert sorted(git(worktree, "status", "--porcelain").splitlines()) == [  # all of it in the index
+            "A  notes.txt", "A  weights.bin", "D  old.txt", "M  pkg/model.py", "M  pkg/staged.py", "M  table.bin"]
+        assert worktrees(dirty_repo) == 2
+    assert not worktree.exists() and worktrees(dirty_repo) == 1
+    assert git(dirty_repo, "status", "--porcelain=v2", "--untracked-files=all") == status_before  # user's tree as it was
+    assert tree(dirty_repo) == dirty
+
+
+def test_a_tampered_patch_is_refused_naming_the_file(sqlite_uri: str, dirty_repo: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    t = tracked_run(sqlite_uri, dirty_repo)
+    client = MlflowClient(sqlite_uri)
+    patch = Path(client.download_artifacts(t.run_id, GIT_PATCH, str(tmp_path))).read_bytes()
+    assert b"-width = 8" in patch
+    (tmp_path / "edit").mkdir()
+    (tmp_path / "edit" / GIT_PATCH).write_bytes(patch.replace(b"-width = 8", b"-width = 9"))
+    client.log_artifact(t.run_id, str(tmp_path / "edit" / GIT_PATCH))  # the artifact changed after the run
+    runs_before = len(client.search_runs([t.experiment_id]))
+    with pytest.raises(ReproduceError, match=r"does not apply to its base commit \w+ at pkg/model\.py"):
+        reproduce(t.run_name, tracking_uri=sqlite_uri, repo=dirty_repo)
+    assert worktrees(dirty_repo) == 1
+    monkeypatch.chdir(dirty_repo)
+    assert reproduce_main([t.run_id, "--tracking-uri", sqlite_uri]) == 2
+    err = capsys.readouterr().err
+    assert "at pkg/model.py" in err and t.run_name in err
+    assert worktrees(dirty_repo) == 1 and len(client.search_runs([t.experiment_id])) == runs_before
+
+
+def test_runs_without_git_state_target_or_commit_are_refused(sqlite_uri: str, dirty_repo: Path,
+                                                             tmp_path: Path) -> None:
+    outside = tmp_path / "not-a-repo"
+    outside.mkdir()
+    with pytest.warns(UserWarning, match="not inside a git work tree"):
+        no_git = tracked_run(sqlite_uri, outside)
+    with pytest.raises(ReproduceError, match="has no git state .*only runs started in a git repository"):
+        reproduce(no_git.run_name, tracking_uri=sqlite_uri, repo=dirty_repo)
+    notebook = tracked_run(sqlite_uri, dirty_repo, target=None)
+    with pytest.raises(ReproduceError, match=r"has no rlab.target tag.*`rlab run TARGET` or `rlab demo`"):
+        reproduce(notebook.run_id, tracking_uri=sqlite_uri, repo=dirty_repo)
+    elsewhere = tmp_path / "other"  # a repository that lacks the run's base commit
+    elsewhere.mkdir()
+    git(elsewhere, "init", "-q")
+    (elsewhere / "x").write_text("x\n")
+    git(elsewhere, "add", "x")
+    git(elsewhere, "commit", "-qm", "other")
+    ok = tracked_run(sqlite_uri, dirty_repo)
+    with pytest.raises(ReproduceError, match=r"base commit \w{40} of run .* is not in the repository"):
+        reproduce(ok.run_name, tracking_uri=sqlite_uri, repo=elsewhere)
+    with pytest.raises(ReproduceError, match="neither an rlab run id"):
+        reproduce("2020-01-01_no-such-run", tracking_uri=sqlite_uri, repo=dirty_repo)
+    assert worktrees(dirty_repo) == 1 and worktrees(elsewhere) == 1
+
+
+def test_a_differing_metric_is_reported_at_its_first_step(sqlite_uri: str, dirty_repo: Path) -> None:
+    a = tracked_run(sqlite_uri, dirty_repo, [1.0, 0.5, 0.25, 0.125])
+    b = tracked_run(sqlite_uri, dirty_repo, [1.0, 0.5, 0.25, 0.125])
+    c = tracked_run(sqlite_uri, dirty_repo, [1.0, 0.5, 0.25000001, 0.12])
+    same = compare_runs(a.run_name, b.run_id, tracking_uri=sqlite_uri)
+    assert same.identical and (same.metrics_compared, same.points_compared) == (2, 8)
+    other = compare_runs(a.run_name, c.run_name, tracking_uri=sqlite_uri)
+    assert not other.identical
+    assert other.first_difference == MetricDifference("loss", 3, 0.25, 0.25000001)
+    assert other.differing_metrics == ["loss"]
+    text = repr(other)
+    assert "different: loss at step 3: 0.25 (original) vs 0.25000001 (reproduced)" in text
+    assert "**not reproduced**" in other._repr_markdown_()
+
+
+# ---- end to end: a PPO run made by `rlab run` from a dirty clone of this project ----------------------------------
+ROOT = Path(__file__).resolve().parents[1]
