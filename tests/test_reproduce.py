@@ -5,8 +5,11 @@ first step; and a PPO run made by `rlab run` from a dirty clone of this project 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,3 +189,61 @@ def test_a_differing_metric_is_reported_at_its_first_step(sqlite_uri: str, dirty
 
 # ---- end to end: a PPO run made by `rlab run` from a dirty clone of this project ----------------------------------
 ROOT = Path(__file__).resolve().parents[1]
+
+BUILDER = '''"""A builder that only exists in the run's patch: it needs the staged and unstaged edits and the binary file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from researchlab.examples import REPRO_LR, REPRO_SEED_OFFSET
+from researchlab.examples.demo import DemoCLIConfig, ppo_experiment
+from researchlab.tracking.run import Experiment
+
+SEED = Path(__file__).with_name("seed.bin").read_bytes()[1]
+
+
+def experiment(cli: DemoCLIConfig) -> Experiment:
+    return ppo_experiment(cli.replace(lr=REPRO_LR, seed=cli.seed + SEED + REPRO_SEED_OFFSET))
+'''
+
+
+def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    "`python ARGS` in `cwd`, importing from `cwd` first (as `rlab run` from a checkout does)."
+    env = {**os.environ, "PYTHONPATH": str(cwd), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_ppo_run_from_a_dirty_clone_reproduces_bit_for_bit(mlflow_server, tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(ROOT), str(clone))
+    init = clone / "researchlab" / "examples" / "__init__.py"
+    init.write_text(init.read_text() + "REPRO_LR = 5e-4\n")
+    git(clone, "add", str(init.relative_to(clone)))  # staged
+    init.write_text(init.read_text() + "REPRO_SEED_OFFSET = 1\n")  # unstaged, on top
+    (clone / "myexp.py").write_text(BUILDER)  # untracked
+    (clone / "seed.bin").write_bytes(b"\0\x02\xff\0")  # untracked, binary
+    uri, runs = mlflow_server.uri, tmp_path / "runs"
+    made = _python(["-m", "researchlab.cli", "run", "myexp:experiment", "total_steps=2048", "log_every=1",
+                    "save_every=2", "video=false", "--experiment", "reproduce-e2e", "--tracking-uri", uri,
+                    "--runs-dir", str(runs), "--no-progress"], clone)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
+    original = made.stdout.strip().splitlines()[-1].split()[3]  # rlab run: finished <id> (MLflow run ...)
+
+    done = _python(["-m", "researchlab.cli", "reproduce", original, "--tracking-uri", uri], clone)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "identical:" in done.stdout and "every value the same" in done.stdout
+    client = MlflowClient(uri)
+    first = find_run_by_id(original, client)
+    [again] = client.search_runs([first.info.experiment_id], f"tags.`rlab.reproduces` = '{original}'")
+    report = compare_runs(first.info.run_id, again.info.run_id, tracking_uri=uri)
+    assert report.identical and report.metrics_compared >= 5 and report.points_compared >= 5 * 4
+    assert (report.environment, report.config) == ([], [])  # same machine, same config rebuilt
+    cli = json.loads(Path(client.download_artifacts(first.info.run_id, "rlab/cli.json", str(tmp_path))).read_text())
+    assert (cli["seed"], cli["total_steps"], cli["video"]) == (0, 2048, False)
+    assert again.data.tags["rlab.target"] == "myexp:experiment"
+    assert again.data.tags["rlab.git.commit"] == first.data.tags["rlab.git.commit"]
+    patches = [Path(client.download_artifacts(r.info.run_id, GIT_PATCH, str(tmp_path / r.info.run_id))).read_bytes()
+               for r in (first, again)]
+    assert patches[0] == patches[1]  # the reproduction ran (and recorded) the very same code
+    assert worktrees(clone) == 1  # the temporary worktree is gone
+    assert (clone / "runs" / again.data.tags["rlab.run_id"] / "checkpoints").is_dir()  # checkpoints kept in the project
