@@ -101,7 +101,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "researchlab.tracking.reproduce": (
         "REPRODUCES_TAG", "ReproduceError", "find_run_by_id", "RunRecipe", "run_recipe", "run_checkout",
-        "MetricDifference", "first_difference", "EnvironmentDifference", "environment_differences",
+        "MetricDifference", "first_metric_difference", "EnvironmentDifference", "environment_differences",
         "ReproduceReport", "compare_runs", "absolute_tracking_uri", "rerun_command", "reproduce", "reproduce_main",
     ),
     "researchlab.rl.advantages": (
