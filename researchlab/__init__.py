@@ -95,9 +95,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "DEFAULT_TRACKING_URI", "DEFAULT_RUNS_DIR", "DEFAULT_EXPERIMENT", "ENV_PACKAGES", "ARTIFACT_DIR",
         "CHECKPOINT_SLOTS", "LOG_CHECKPOINT_EVERY_S", "CLIError", "validation_problems", "override_values",
         "parse_overrides", "Experiment", "load_target", "build_experiment", "environment_info",
-        "environment_tags", "LoggingPersister", "fetch_logged_checkpoint", "RunLocked", "RunLock",
-        "AlreadyFinished", "RunOptions", "RunPlan", "resume_command", "plan_run", "RunProgress", "execute_plan",
-        "run_target", "options_help", "run_help", "parse_run_args", "summary_lines", "handle_run", "run_main",
+        "environment_tags", "LoggingPersister", "fetch_logged_checkpoint", "logged_checkpoint_steps",
+        "RunLocked", "RunLock", "AlreadyFinished", "RunOptions", "RunPlan", "resume_command", "plan_run",
+        "RunProgress", "execute_plan", "run_target", "options_help", "run_help", "parse_run_args",
+        "summary_lines", "handle_run", "run_main",
     ),
     "researchlab.tracking.reproduce": (
         "REPRODUCES_TAG", "ReproduceError", "find_run_by_id", "RunRecipe", "run_recipe", "run_checkout",
