@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -187,6 +188,129 @@ def test_a_differing_metric_is_reported_at_its_first_step(sqlite_uri: str, dirty
     assert "**not reproduced**" in other._repr_markdown_()
 
 
+# ---- through `rlab run`: a toy builder in the dirty repository (compiles in a second) --------------------------------
+TOY = """from __future__ import annotations
+
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from pydantic import Field
+
+from researchlab.design.core import Clock, Config, State
+from researchlab.design.data import NoBatch
+from researchlab.design.loop import Loop
+from researchlab.tracking.run import Experiment
+
+
+class ToyCLI(Config):
+    "Options of the toy builder."
+    steps: int = Field(4, gt=0, description="Loop steps")
+    seed: int = Field(0, description="the noise's seed; -1: the clock's nanoseconds (a run nobody can reproduce)")
+
+
+class ToyConfig(Config):
+    "The toy's full config."
+    steps: int
+    seed: int
+
+
+class ToyState(State):
+    "Parameters, a PRNG key, the Clock."
+    w: jax.Array
+    key: jax.Array
+    clock: Clock
+
+
+def toy_step(state: ToyState, config: ToyConfig, batch: object = None) -> tuple[ToyState, dict[str, jax.Array]]:
+    key, sub = jax.random.split(state.key)
+    w = state.w - 0.1 * (2.0 * (state.w - 1.0) + 0.3 * jax.random.normal(sub, state.w.shape))
+    new = eqx.tree_at(lambda s: (s.w, s.key, s.clock), state, (w, key, state.clock.advance(steps=1)))
+    return new, {"loss": jnp.sum((w - 1.0) ** 2), "w0": w[0]}
+
+
+def experiment(cli: ToyCLI) -> Experiment:
+    "A noisy quadratic descent."
+    seed = time.time_ns() % 2**31 if cli.seed < 0 else cli.seed
+    config = ToyConfig(steps=cli.steps, seed=cli.seed)
+
+    def init() -> ToyState:
+        return ToyState(w=jnp.zeros(3), key=jax.random.key(seed), clock=Clock())
+
+    def make_loop(state: ToyState, **kw: object) -> Loop:
+        return Loop(config, state, toy_step, NoBatch(), log_every=1, save_every=2, **kw)
+
+    return Experiment(config, init_state=init, make_loop=make_loop, num_steps=config.steps, experiment="toy")
+"""
+
+
+def _env(cwd: Path) -> dict[str, str]:
+    "Importing from `cwd` first (as `rlab run` from a checkout does), JAX on CPU."
+    return {**os.environ, "PYTHONPATH": str(cwd), "JAX_PLATFORMS": "cpu"}
+
+
+def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    "`python ARGS` in `cwd`, importing from `cwd` first."
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def toy_repo(dirty_repo: Path) -> Path:
+    "The dirty repository with the toy builder committed under its changes."
+    (dirty_repo / "toy.py").write_text(TOY)
+    (dirty_repo / ".gitignore").write_text("runs/\n__pycache__/\n")
+    git(dirty_repo, "add", "toy.py", ".gitignore")
+    git(dirty_repo, "commit", "-qm", "toy builder")
+    return dirty_repo
+
+
+def test_a_run_that_does_not_reproduce_is_reported_with_its_first_difference(
+        sqlite_uri: str, toy_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    made = _python(["-m", "researchlab.cli", "run", "toy:experiment", "seed=-1", "--experiment", "toy",
+                    "--tracking-uri", sqlite_uri, "--runs-dir", str(tmp_path / "runs"), "--no-progress"], toy_repo)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-3000:]
+    original = made.stdout.strip().splitlines()[-1].split()[3]
+    monkeypatch.chdir(toy_repo)
+    monkeypatch.setenv("PYTHONPATH", "")  # the re-run imports toy.py from the worktree alone
+    assert reproduce_main([original, "--tracking-uri", sqlite_uri]) == 1
+    out = capsys.readouterr().out
+    assert "rlab run: finished" in out  # the re-run's own output came through
+    report = out.rsplit("\n\n", 1)[1]
+    assert "different: loss at step 1:" in report and "metrics that differ  loss, w0" in report, report
+    client = MlflowClient(sqlite_uri)
+    [again] = client.search_runs([find_run_by_id(original, client).info.experiment_id],
+                                 f"tags.`rlab.reproduces` = '{original}'")
+    got = compare_runs(original, again.info.run_id, tracking_uri=sqlite_uri)
+    assert (got.first_difference.metric, got.first_difference.step, got.points_compared) == ("loss", 1, 8)
+    assert got.first_difference.original != got.first_difference.reproduced
+    assert (got.environment, got.config) == ([], [])  # same machine, same config: the seed is what differs
+    assert worktrees(toy_repo) == 1
+
+
+def test_sigterm_stops_the_rerun_and_removes_the_worktree(sqlite_uri: str, toy_repo: Path) -> None:
+    "A recipe of a long run (tags and artifacts as `rlab run` logs them); `rlab reproduce` is stopped mid-run."
+    t = tracked_run(sqlite_uri, toy_repo, target="toy:experiment", cli={"steps": 10**8, "seed": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "researchlab.cli", "reproduce", t.run_name, "--tracking-uri",
+                             sqlite_uri], cwd=toy_repo, env=_env(toy_repo), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:  # wait until the re-run has started its MLflow run
+        seen.append(line)
+        if line.startswith("rlab run: run "):
+            break
+    assert worktrees(toy_repo) == 2, "".join(seen)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(seen) + out + err
+    assert "interrupted; the re-run was stopped" in err
+    assert worktrees(toy_repo) == 1
+    client = MlflowClient(sqlite_uri)
+    [again] = client.search_runs([t.experiment_id], f"tags.`rlab.reproduces` = '{t.run_name}'")
+    assert again.info.status == "KILLED"
+
+
 # ---- end to end: a PPO run made by `rlab run` from a dirty clone of this project ----------------------------------
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,12 +329,6 @@ SEED = Path(__file__).with_name("seed.bin").read_bytes()[1]
 def experiment(cli: DemoCLIConfig) -> Experiment:
     return ppo_experiment(cli.replace(lr=REPRO_LR, seed=cli.seed + SEED + REPRO_SEED_OFFSET))
 '''
-
-
-def _python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    "`python ARGS` in `cwd`, importing from `cwd` first (as `rlab run` from a checkout does)."
-    env = {**os.environ, "PYTHONPATH": str(cwd), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_a_ppo_run_from_a_dirty_clone_reproduces_bit_for_bit(mlflow_server, tmp_path: Path) -> None:
