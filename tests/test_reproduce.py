@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +76,11 @@ def worktrees(repo: Path) -> int:
     return git(repo, "worktree", "list", "--porcelain").count("worktree ")
 
 
+def temp_folders() -> set[Path]:
+    "The temporary folders reproduce makes (a worktree each)."
+    return set(Path(tempfile.gettempdir()).glob("rlab-reproduce-*"))
+
+
 @pytest.fixture
 def dirty_repo(tmp_path: Path) -> Path:
     "A repository with one commit, then a staged edit, an unstaged edit, a changed tracked binary, a deletion, "
@@ -117,12 +123,13 @@ def test_checkout_of_a_dirty_run_holds_its_bytes(sqlite_uri: str, dirty_repo: Pa
     assert (recipe.target, recipe.cli, recipe.base_commit) == (TARGET, {"seed": 0, "lr": 0.001},
                                                                git(dirty_repo, "rev-parse", "HEAD").strip())
     status_before = git(dirty_repo, "status", "--porcelain=v2", "--untracked-files=all")
+    folders_before = temp_folders()
     with run_checkout(recipe, dirty_repo) as worktree:
         assert tree(worktree) == dirty  # text and binary, tracked and untracked, the deletion too
         assert sorted(git(worktree, "status", "--porcelain").splitlines()) == [  # all of it in the index
             "A  notes.txt", "A  weights.bin", "D  old.txt", "M  pkg/model.py", "M  pkg/staged.py", "M  table.bin"]
         assert worktrees(dirty_repo) == 2
-    assert not worktree.exists() and worktrees(dirty_repo) == 1
+    assert not worktree.exists() and worktrees(dirty_repo) == 1 and temp_folders() <= folders_before
     assert git(dirty_repo, "status", "--porcelain=v2", "--untracked-files=all") == status_before  # user's tree as it was
     assert tree(dirty_repo) == dirty
 
@@ -137,7 +144,7 @@ def test_a_tampered_patch_is_refused_naming_the_file(sqlite_uri: str, dirty_repo
     (tmp_path / "edit").mkdir()
     (tmp_path / "edit" / GIT_PATCH).write_bytes(patch.replace(b"-width = 8", b"-width = 9"))
     client.log_artifact(t.run_id, str(tmp_path / "edit" / GIT_PATCH))  # the artifact changed after the run
-    runs_before = len(client.search_runs([t.experiment_id]))
+    runs_before, folders_before = len(client.search_runs([t.experiment_id])), temp_folders()
     with pytest.raises(ReproduceError, match=r"does not apply to its base commit \w+ at pkg/model\.py"):
         reproduce(t.run_name, tracking_uri=sqlite_uri, repo=dirty_repo)
     assert worktrees(dirty_repo) == 1
@@ -146,6 +153,7 @@ def test_a_tampered_patch_is_refused_naming_the_file(sqlite_uri: str, dirty_repo
     err = capsys.readouterr().err
     assert "at pkg/model.py" in err and t.run_name in err
     assert worktrees(dirty_repo) == 1 and len(client.search_runs([t.experiment_id])) == runs_before
+    assert temp_folders() <= folders_before  # nothing left behind
 
 
 def test_runs_without_git_state_target_or_commit_are_refused(sqlite_uri: str, dirty_repo: Path,
