@@ -100,6 +100,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "RunProgress", "execute_plan", "run_target", "options_help", "run_help", "parse_run_args",
         "summary_lines", "handle_run", "run_main",
     ),
+    "researchlab.tracking.reproduce": (
+        "REPRODUCES_TAG", "ReproduceError", "find_run_by_id", "RunRecipe", "run_recipe", "run_checkout",
+        "MetricDifference", "first_metric_difference", "EnvironmentDifference", "environment_differences",
+        "ReproduceReport", "compare_runs", "absolute_tracking_uri", "rerun_command", "reproduce", "reproduce_main",
+    ),
     "researchlab.rl.advantages": (
         "Scale", "compute_ppo_advantages", "compute_grpo_advantages", "normalize_advantages",
     ),

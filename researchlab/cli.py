@@ -15,6 +15,7 @@ __all__ = ['main']
 _HELP = ("usage: rlab run TARGET [key=value ...] [flags]      (rlab run --help; rlab run TARGET --help for its options)\n"
          "       rlab demo [key=value ...] [--resume RUN_ID]   (rlab demo --help for the options)\n"
          "       rlab upload SPOOL... [--tracking-uri URI]     (send what a run spooled while MLflow was down)\n"
+         "       rlab reproduce RUN_ID [--tracking-uri URI]    (run it again from its commit and patch, compare the metrics)\n"
          "rlab run and rlab demo keep compiled programs in ~/.cache/researchlab/jax; RLAB_COMPILE_CACHE=DIR moves it, =off stops it")
 
 
@@ -48,6 +49,7 @@ def _run(args: list[str]) -> int:
 
 
 _COMMANDS = {"run": _run, "demo": _demo, "upload": _upload}
+_COMMANDS["reproduce"] = lambda args: __import__("researchlab.tracking.reproduce", fromlist=["_"]).reproduce_main(args[1:])
 
 
 def main(argv: Sequence[str] | None = None,  # the arguments after `rlab` (None: `sys.argv[1:]`)

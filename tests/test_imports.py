@@ -25,6 +25,7 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate", "researchlab.llm.lora",
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.tracking.compare",
                    "researchlab.tracking.run", "researchlab.tracking.fork",
+                   "researchlab.tracking.reproduce",
                    "researchlab.rl", "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
                    "researchlab.llm.rewards"]
 TYPEVARS = {"S", "C", "T"}
