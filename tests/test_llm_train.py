@@ -368,3 +368,24 @@ def test_importance_correction_when_sampler_and_trainer_differ(model, renderer, 
     _, m3 = training_iteration(st, RolloutProvider(fz, renderer, PROBLEMS, digit_reward, cfg, generator=off), cfg,
                                fns=TrainFns(make_optimizer(cfg)))
     assert abs(m3["ratio_mean"] - np.e) < 1e-3
+
+
+def test_mlflow_telemetry_receives_params_metrics_and_evals(model, renderer, cfg, mlflow_server, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from researchlab.design.mlflow_telemetry import MLFlowTelemetry
+
+    tel = MLFlowTelemetry(tracking_uri=mlflow_server.uri, experiment="llm-train", spool_dir=tmp_path)
+    schedule = AlgorithmSchedule(milestones=((0, algo("grpo", kl_coef=0.0)), (2, algo("dapo"))))
+    loop = train(model, renderer, PROBLEMS, digit_reward, 3, config=cfg, schedule=schedule, logger=tel,
+                 eval_fn=lambda m, it: {"iteration": float(it)}, eval_every=3)
+    loop.close()
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(tel.run_id)
+    assert run.data.params["generation.max_new_tokens"] == "4" and run.data.params["group_size"] == "8"
+    history = lambda key: [(m.step, m.value) for m in client.get_metric_history(tel.run_id, key)]
+    assert [s for s, _ in history("reward/mean")] == [1, 2, 3]
+    assert history("algorithm/index") == [(1, 0.0), (2, 0.0), (3, 1.0)]
+    assert history("eval/iteration") == [(3, 3.0)]
+    assert {"stop/completed", "clip_fraction", "kl", "entropy", "length/mean", "tools/success_rate",
+            "reward/zero_spread_fraction"} <= set(run.data.metrics)
