@@ -389,3 +389,39 @@ def test_mlflow_telemetry_receives_params_metrics_and_evals(model, renderer, cfg
     assert history("eval/iteration") == [(3, 3.0)]
     assert {"stop/completed", "clip_fraction", "kl", "entropy", "length/mean", "tools/success_rate",
             "reward/zero_spread_fraction"} <= set(run.data.metrics)
+
+
+def add(
+    a: int,  # first term
+    b: int,  # second term
+) -> int:
+    "Add two integers."
+    return a + b
+
+
+def test_multiturn_tool_groups_train_and_report_tool_success(tok) -> None:
+    from functools import partial
+
+    from researchlab.llm.chat import HERMES_TEMPLATE
+    from researchlab.llm.envs import EnvGroup, ToolEnv
+    from researchlab.llm.rollouts import as_conversation
+
+    renderer = Renderer(tok, HERMES_TEMPLATE)
+    big = init_llama(ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                 hidden_dim=32, max_seq_len=1024), key=jax.random.key(0))
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call><|im_end|>'
+    bad = '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call><|im_end|>'
+    script = ScriptedGenerator(tok, [[call, "5<|im_end|>"], [bad, "5<|im_end|>"]], pad_id=tok.pad_id)
+    builder = EnvGroup(partial(ToolEnv, renderer, as_conversation("What is 2 plus 3?"), [add]), group_size=2,
+                       metadata={"answer": "5"})
+    config = TrainConfig(num_prompts=1, group_size=2, generation=GenerationConfig(max_new_tokens=120),
+                         algorithm=algo("grpo", kl_coef=0.0))
+    reward = lambda r: float(final_text(r) == r.metadata["answer"])
+    st, fz = init_train_state(big, config)
+    provider = RolloutProvider(fz, renderer, [builder], reward, config, generator=script)
+    s1, m = training_iteration(st, provider, config, fns=TrainFns(make_optimizer(config)))
+    (group,) = provider.last_groups
+    assert [len(r.tool_results) for r in group.rollouts] == [1, 1]
+    assert (m["tools/calls_per_rollout"], m["tools/success_rate"]) == (1.0, 0.5)  # the second call lacks `b`
+    assert (m["turns/mean"], m["stop/completed"], m["reward/mean"]) == (2.0, 1.0, 1.0)
+    assert int(s1.policy_version) == 1
