@@ -88,13 +88,21 @@ def main(argv: list[str]) -> int:
         t1 = time.perf_counter()
         rb = batch_from_rollouts(groups, pad_multiple=cfg.pad_multiple, pad_id=tok.pad_id)
         t2 = time.perf_counter()
-        ref = jax.block_until_ready(ref_fn(eqx.combine(state.ref_params, frozen), rb))
-        t3 = time.perf_counter()
-        ib = IterationBatch(rb._replace(ref_logprobs_B_T=ref), frozen,
-                            {k: jnp.asarray(v, jnp.float32) for k, v in rollout_stats(groups, rb).items()})
-        new_state, metrics = jax.block_until_ready(update(state, cfg, ib))
-        t4 = time.perf_counter()
         sampled = int(sum(r.loss_mask_T.sum() for g in groups for r in g.rollouts))
+        try:
+            ref = jax.block_until_ready(ref_fn(eqx.combine(state.ref_params, frozen), rb))
+            t3 = time.perf_counter()
+            ib = IterationBatch(rb._replace(ref_logprobs_B_T=ref), frozen,
+                                {k: jnp.asarray(v, jnp.float32) for k, v in rollout_stats(groups, rb).items()})
+            new_state, metrics = jax.block_until_ready(update(state, cfg, ib))
+            t4 = time.perf_counter()
+        except jax.errors.JaxRuntimeError as e:  # RESOURCE_EXHAUSTED: the [B, T, V] logits of one pass
+            b, t = rb.tokens_B_T.shape
+            print(f"bench_grpo: {label} iteration: the update ran out of memory ({str(e).splitlines()[0][:120]}); "
+                  f"one pass holds logits [B={b}, T={t}, V={tok.vocab_size}] = {b * t * tok.vocab_size * 4 / 2**30:.1f} "
+                  f"GiB in float32, several times over with the gradient. The update needs micro-batching. "
+                  f"Sampling took {t1 - t0:.1f} s for {sampled} tokens ({sampled / (t1 - t0):,.0f} tokens/s)")
+            sys.exit(1)
         rows.append((label, t1 - t0, t2 - t1, t3 - t2, t4 - t3, sampled, tuple(rb.tokens_B_T.shape),
                      float(metrics["reward/mean"])))
         return new_state
