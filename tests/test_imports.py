@@ -27,7 +27,7 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.tracking.run", "researchlab.tracking.fork",
                    "researchlab.tracking.reproduce",
                    "researchlab.rl", "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
-                   "researchlab.llm.rewards"]
+                   "researchlab.llm.rewards", "researchlab.llm.train"]
 TYPEVARS = {"S", "C", "T"}
 
 
