@@ -14,6 +14,7 @@ __all__ = ['main']
 # %% ../nbs/31_cli.ipynb #9fa68ed0
 _HELP = ("usage: rlab demo [key=value ...] [--resume RUN_ID]   (rlab demo --help for the options)\n"
          "       rlab upload SPOOL... [--tracking-uri URI]     (send what a run spooled while MLflow was down)\n"
+         "       rlab sweep TARGET key=a,b seed=0:4 ...        (trials as child runs; rlab sweep --help)\n"
          "rlab demo keeps compiled programs in ~/.cache/researchlab/jax; RLAB_COMPILE_CACHE=DIR moves it, =off stops it")
 
 
@@ -35,7 +36,14 @@ def _demo(args: list[str]) -> int:
     return demo_main(args[1:])
 
 
-_COMMANDS = {"demo": _demo, "upload": _upload}
+def _sweep(args: list[str]) -> int:
+    "`rlab sweep TARGET key=values ...`: each trial an `rlab run` process, a Ray task or a population member."
+    from researchlab.tracking.sweep import sweep_main
+
+    return sweep_main(args[1:])
+
+
+_COMMANDS = {"sweep": _sweep, "demo": _demo, "upload": _upload}
 
 
 def main(argv: Sequence[str] | None = None,  # the arguments after `rlab` (None: `sys.argv[1:]`)
