@@ -87,6 +87,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.tracking.compare": (
         "find_runs", "run_histories", "default_groups", "group_stats", "plot_runs",
     ),
+    "researchlab.tracking.sweep": (
+        "Grid", "SWEEP_ARTIFACT", "TRIAL_TAG", "EXECUTORS", "SWEEP_USAGE", "SweepError", "Distribution", "parse_grid",
+        "expand_grid", "value_text", "trial_key", "Trial", "make_trials", "trial_command", "grid_args", "sweep",
+        "PopulationGroup", "population_plan", "parse_sweep_args", "sweep_main",
+    ),
     "researchlab.rl.advantages": (
         "Scale", "compute_ppo_advantages", "compute_grpo_advantages", "normalize_advantages",
     ),
