@@ -87,6 +87,19 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.tracking.compare": (
         "find_runs", "run_histories", "default_groups", "group_stats", "plot_runs",
     ),
+    "researchlab.tracking.fork": (
+        "FORK_TAGS", "lineage_tags", "checkpoint_at_or_before", "structure_difference",
+        "step_structure_difference", "ForkTelemetry", "child_mlflow_telemetry", "fork",
+    ),
+    "researchlab.tracking.run": (
+        "DEFAULT_TRACKING_URI", "DEFAULT_RUNS_DIR", "DEFAULT_EXPERIMENT", "ENV_PACKAGES", "ARTIFACT_DIR",
+        "CHECKPOINT_SLOTS", "LOG_CHECKPOINT_EVERY_S", "CLIError", "validation_problems", "override_values",
+        "parse_overrides", "Experiment", "load_target", "build_experiment", "environment_info",
+        "environment_tags", "LoggingPersister", "fetch_logged_checkpoint", "logged_checkpoint_steps",
+        "RunLocked", "RunLock", "AlreadyFinished", "RunOptions", "RunPlan", "resume_command", "plan_run",
+        "RunProgress", "execute_plan", "run_target", "options_help", "run_help", "parse_run_args",
+        "summary_lines", "handle_run", "run_main",
+    ),
     "researchlab.tracking.sweep": (
         "Grid", "SWEEP_ARTIFACT", "TRIAL_TAG", "EXECUTORS", "SWEEP_USAGE", "SweepError", "Distribution", "parse_grid",
         "expand_grid", "value_text", "trial_key", "Trial", "make_trials", "trial_command", "grid_args", "sweep",

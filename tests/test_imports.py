@@ -24,6 +24,7 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.tracking.utils", "researchlab.llm.types", "researchlab.llm.tokenizers",
                    "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate", "researchlab.llm.lora",
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.tracking.compare",
+                   "researchlab.tracking.run", "researchlab.tracking.fork",
                    "researchlab.tracking.sweep",
                    "researchlab.rl", "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
                    "researchlab.llm.rewards"]
