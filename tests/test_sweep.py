@@ -177,7 +177,7 @@ def test_rlab_sweep_bad_command_line_is_one_line_and_exit_2(in_tmp: Path):
 
 
 def test_population_packs_ppo_seeds_into_one_program(sqlite_uri: str, in_tmp: Path):
-    small = {"total_steps": 2048, "num_envs": 4, "video": False}
+    small = {"total_steps": 2048, "num_envs": 4, "video": False, "log_every": 1}
     res = sweep(PPO, {"lr": [2.5e-4, 1e-3], "seed": [0, 1], **{k: [v] for k, v in small.items()}}, population=True,
                 experiment="sweep-pop", tracking_uri=sqlite_uri, runs_dir=in_tmp / "runs")
     assert res["status"] == "FINISHED" and res["ran"] == 4
