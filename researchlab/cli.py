@@ -50,6 +50,10 @@ def _run(args: list[str]) -> int:
 
 def _sweep(args: list[str]) -> int:
     "`rlab sweep TARGET key=values ...`: each trial an `rlab run` process, a Ray task or a population member."
+    if not {"-h", "--help"} & set(args[1:]):
+        from researchlab.design.compile_cache import enable_compile_cache
+
+        enable_compile_cache()  # for --population, which compiles in this process
     from researchlab.tracking.sweep import sweep_main
 
     return sweep_main(args[1:])
