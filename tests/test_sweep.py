@@ -186,3 +186,11 @@ def test_population_packs_ppo_seeds_into_one_program(sqlite_uri: str, in_tmp: Pa
     assert sorted((float(c.data.params["lr"]), int(c.data.params["seed"])) for c in children) == \
            [(2.5e-4, 0), (2.5e-4, 1), (1e-3, 0), (1e-3, 1)]
     assert all(c.info.status == "FINISHED" and "episode_return" in c.data.metrics for c in children)
+
+
+def test_resume_of_an_unknown_sweep_creates_nothing(sqlite_uri: str, in_tmp: Path):
+    with pytest.raises(SweepError, match="no MLflow store at"):
+        sweep(None, resume="2026-12-02_no-such-sweep", tracking_uri=sqlite_uri)
+    assert not (in_tmp / "mlflow.db").exists()
+    with pytest.raises(SweepError, match="no TARGET|no target"):
+        sweep(None, ["seed=0:2"], tracking_uri=sqlite_uri)
