@@ -105,6 +105,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "MetricDifference", "first_metric_difference", "EnvironmentDifference", "environment_differences",
         "ReproduceReport", "compare_runs", "absolute_tracking_uri", "rerun_command", "reproduce", "reproduce_main",
     ),
+    "researchlab.tracking.sweep": (
+        "Grid", "SWEEP_ARTIFACT", "TRIAL_TAG", "EXECUTORS", "SWEEP_USAGE", "SweepError", "Distribution", "parse_grid",
+        "expand_grid", "value_text", "trial_key", "Trial", "make_trials", "trial_command", "grid_args", "sweep",
+        "PopulationGroup", "population_plan", "parse_sweep_args", "sweep_main",
+    ),
     "researchlab.rl.advantages": (
         "Scale", "compute_ppo_advantages", "compute_grpo_advantages", "normalize_advantages",
     ),

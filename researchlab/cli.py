@@ -16,6 +16,7 @@ _HELP = ("usage: rlab run TARGET [key=value ...] [flags]      (rlab run --help; 
          "       rlab demo [key=value ...] [--resume RUN_ID]   (rlab demo --help for the options)\n"
          "       rlab upload SPOOL... [--tracking-uri URI]     (send what a run spooled while MLflow was down)\n"
          "       rlab reproduce RUN_ID [--tracking-uri URI]    (run it again from its commit and patch, compare the metrics)\n"
+         "       rlab sweep TARGET key=a,b seed=0:4 ...        (trials as child runs; rlab sweep --help)\n"
          "rlab run and rlab demo keep compiled programs in ~/.cache/researchlab/jax; RLAB_COMPILE_CACHE=DIR moves it, =off stops it")
 
 
@@ -48,20 +49,37 @@ def _run(args: list[str]) -> int:
     return run_main(args[1:])
 
 
-_COMMANDS = {"run": _run, "demo": _demo, "upload": _upload}
-_COMMANDS["reproduce"] = lambda args: __import__("researchlab.tracking.reproduce", fromlist=["_"]).reproduce_main(args[1:])
+def _reproduce(args: list[str]) -> int:
+    "`rlab reproduce RUN_ID ...`: the run's commit and patch in a temporary worktree, its target run again, the metrics compared."
+    from researchlab.tracking.reproduce import reproduce_main
+
+    return reproduce_main(args[1:])
+
+
+def _sweep(args: list[str]) -> int:
+    "`rlab sweep TARGET key=values ...`: each trial an `rlab run` process, a Ray task or a population member."
+    if not {"-h", "--help"} & set(args[1:]):
+        from researchlab.design.compile_cache import enable_compile_cache
+
+        enable_compile_cache()  # for --population, which compiles in this process
+    from researchlab.tracking.sweep import sweep_main
+
+    return sweep_main(args[1:])
+
+
+_COMMANDS = {"run": _run, "demo": _demo, "sweep": _sweep, "reproduce": _reproduce, "upload": _upload}
 
 
 def main(argv: Sequence[str] | None = None,  # the arguments after `rlab` (None: `sys.argv[1:]`)
          ) -> int:
-    "`rlab` console script: `rlab run TARGET [key=value ...]`, `rlab demo [key=value ...]`, `rlab upload SPOOL...`."
+    "`rlab` console script: `rlab run TARGET [key=value ...]`, `rlab demo [key=value ...]`, `rlab sweep TARGET ...`, `rlab reproduce RUN_ID`, `rlab upload SPOOL...`."
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_HELP)
         return 0 if args else 2
     if args[0] not in _COMMANDS:
         print(f"rlab: unknown command {args[0]!r}; the commands are `rlab run TARGET` (see rlab run --help), "
-              f"`rlab demo` (see rlab demo --help) and `rlab upload SPOOL`", file=sys.stderr)
+              f"`rlab demo` (see rlab demo --help), `rlab sweep TARGET`, `rlab reproduce RUN_ID` and `rlab upload SPOOL`", file=sys.stderr)
         return 2
     return _COMMANDS[args[0]](args)
 

@@ -26,6 +26,7 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.tracking.compare",
                    "researchlab.tracking.run", "researchlab.tracking.fork",
                    "researchlab.tracking.reproduce",
+                   "researchlab.tracking.sweep",
                    "researchlab.rl", "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
                    "researchlab.llm.rewards", "researchlab.llm.train"]
 TYPEVARS = {"S", "C", "T"}

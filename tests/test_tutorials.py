@@ -56,3 +56,11 @@ def test_grpo_tiny_lm_tutorial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     assert m, text[-2000:]
     first, last = map(float, m.groups())
     assert last > first + 0.15, (first, last)  # 30 GRPO updates through the Loop: the reward rises
+
+
+def test_sweep_ppo_tutorial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    nb = _run("sweep_ppo.ipynb", tmp_path, monkeypatch)
+    text = _text(nb)
+    assert "FINISHED - 9 of 9 trials finished" in text and "9 runs" in text, text[-2000:]
+    assert re.search(r"best lr: [\d.e-]+ \(mean final return [\d.]+ over 3 seeds", text), text[-2000:]
+    assert "ran 0 trials; skipped 9" in text, text[-2000:]
