@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -390,6 +391,77 @@ def test_fused_periodic_work_happens_at_the_asked_steps(tmp_path: Path) -> None:
     ref = new_loop(config=Cfg(noise=0.053))
     ref.run(20)
     assert_same(loop.state, ref.state)
+
+
+# ---- compiling ahead -----------------------------------------------------------------------------
+class _Compiles(logging.Handler):
+    "Counts JAX's 'Finished XLA compilation of jit(NAME)' records (with jax.log_compiles on)."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if m := re.search(r"Finished XLA compilation of jit\((\w+)\)", record.getMessage()):
+            self.names.append(m.group(1))
+
+
+def _count_compiles(fn: object) -> list[str]:
+    "The programs JAX compiles while `fn()` runs (named by function)."
+    handler, logger = _Compiles(), logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            fn()
+    finally:
+        logger.removeHandler(handler)
+    return handler.names
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_precompile_compiles_the_program_run_calls(k: int) -> None:
+    "After precompile(), the run compiles nothing more of its own, and trains exactly as a Loop that did not."
+    ahead = new_loop(steps_per_call=k, config=Cfg(noise=0.054 + k / 1000))
+    name = "_fused_call" if k > 1 else "_one_call"
+    assert ahead.precompile() is None
+    assert ahead._spec.traces == 1
+    compiled = _count_compiles(lambda: ahead.run(10))
+    assert name not in compiled, compiled  # the call found the program precompile() compiled
+    assert ahead._spec.traces == 1
+    ref = Loop(Cfg(noise=0.054 + k / 1000), make_state(Cfg()), train_step, make_provider(), progress=False)
+    ref.run(10)
+    assert_same(ahead.state, ref.state)
+
+
+def test_precompile_in_background_then_run_waits() -> None:
+    ahead = new_loop(steps_per_call=3, config=Cfg(noise=0.056))
+    future = ahead.precompile(background=True)
+    compiled = _count_compiles(lambda: ahead.run(7))  # waits for the thread first
+    assert future.done() and future.exception() is None
+    assert "_fused_call" not in compiled, compiled
+    assert ahead._spec.traces == 1 and ahead.step_count == 7
+
+
+def test_precompile_errors() -> None:
+    host = new_loop(provider=HostProvider(make_data()), config=Cfg(noise=0.057))
+    with pytest.raises(ValueError, match=r"HostProvider.jittable is False.*precompile\(batch="):
+        host.precompile()
+    batch = host.provider.get_batch(host.state)
+    host.precompile(batch=batch)
+    assert host._spec.traces == 1
+    host.run(2)
+    assert host._spec.traces == 1
+
+    def bad_step(state: TState, cfg: Cfg, batch: Mapping) -> tuple[TState, dict]:
+        raise RuntimeError("kernel fails to trace")
+
+    bad = Loop(Cfg(), make_state(Cfg()), bad_step, make_provider(), progress=False)
+    bad.precompile(background=True)
+    with pytest.raises(RuntimeError, match="kernel fails to trace"):  # the thread's error, raised by run
+        bad.run(1)
+    assert bad.step_count == 0
+    with pytest.raises(RuntimeError, match="kernel fails to trace"):  # the Loop is free again: no 'already running'
+        bad.run(1)
 
 
 # ---- interrupts --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic
@@ -119,6 +120,7 @@ class Loop(Generic[S, C]):
         self._one = jax.jit(_one_call, static_argnames="spec", donate_argnums=0 if donate else ())
         self._many = jax.jit(_fused_call, static_argnames="spec", donate_argnums=0 if donate else ())
         self._in_flight: int | None = None  # the step a compiled call in progress will end at
+        self._compiling: Future | None = None  # a precompile(background=True) not yet waited for
         self._pending: list[PendingMetrics] = []
         self.history: list[dict[str, float]] = []
         self._saved_step: int | None = None
@@ -393,6 +395,13 @@ def _start(self: Loop, where: str) -> None:
     if not self._busy.acquire(blocking=False):
         raise RuntimeError(f"Loop.{where}: the loop is already running (an unfinished steps() generator, the "
                            f"widget, or another thread); finish or close() the generator, or press the widget's Stop")
+    if (compiling := self._compiling) is not None:  # a precompile(background=True) still compiling: wait for it
+        self._compiling = None
+        try:
+            compiling.result()
+        except BaseException:
+            self._busy.release()
+            raise
     if self.telemetry is not None and (closed := _closed_telemetry(self.telemetry, self._closed)):
         self._busy.release()
         raise RuntimeError(f"Loop.{where}: this Loop's telemetry {closed} is closed, so the steps' metrics would "
@@ -486,6 +495,31 @@ def metric(self: Loop,
                        f"{sorted({k for r in self.history for k in r} - {'step'})}")
     steps, values = zip(*rows) if rows else ((), ())
     return np.asarray(steps, np.int64), np.asarray(values, np.float64)
+
+# %% ../../nbs/09_loop.ipynb #b7c1e0aa
+@patch
+def precompile(self: Loop,
+               background: bool = False,  # compile in a thread and return at once; `run`/`step`/`steps` wait for it
+               batch: object = None,  # an example batch, needed only when the provider is not jittable
+               ) -> Future | None:  # the thread's Future when `background`, else None (compiled on return)
+    "Compile the program that `run` calls now (or in a background thread), so that its first call finds it compiled."
+    leaves, pdyn, spec = self._cur[0], self._pdyn, self._spec
+    if self.steps_per_call > 1:
+        lower = lambda: self._many.lower(leaves, pdyn, self.steps_per_call, spec=spec)  # noqa: E731
+    elif self.jittable:
+        lower = lambda: self._one.lower(leaves, pdyn, spec=spec)  # noqa: E731
+    elif batch is None:
+        raise ValueError(f"Loop.precompile: {type(self.provider).__name__}.jittable is False, so the batch's shapes "
+                         f"are known only from a batch; pass one: loop.precompile(batch=provider.get_batch(loop.state))")
+    else:
+        lower = lambda: self._one.lower(leaves, pdyn, batch, spec=spec)  # noqa: E731
+    if not background:
+        lower().compile()
+        return None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlab-precompile")
+    self._compiling = pool.submit(lambda: lower().compile())
+    pool.shutdown(wait=False)  # the thread ends when the compile does
+    return self._compiling
 
 # %% ../../nbs/09_loop.ipynb #e5483662
 @patch
