@@ -160,6 +160,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "reward_model_scores", "bradley_terry_loss", "save_reward_model", "load_reward_model",
         "compute_reward_model_score",
     ),
+    "researchlab.llm.view": (
+        "ROLLOUTS_DIR", "advantage_color", "RolloutView", "view_rollout", "group_advantages", "view_group",
+        "rollouts_table", "rollout_record", "rollout_from_record", "rollouts_artifact", "log_rollouts",
+        "logged_rollout_steps", "load_rollouts",
+    ),
 }
 _LAZY: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBPACKAGES = ("design", "tracking", "rl", "llm", "examples")
