@@ -1,7 +1,7 @@
 """researchlab.llm.view on real rollouts (a tiny random Llama, a BPE tokenizer trained here, a multi-turn tool
 episode replayed by ScriptedGenerator through ToolEnv): the HTML marks prompt and environment tokens as masked
 and sampled ones as trained, colours advantages by sign, escapes token text (`<`, `&`) and holds no tags but
-div/span; rollouts logged to a real `mlflow server` come back token-exact, their table reads with
+div/span (and one style line); rollouts logged to a real `mlflow server` come back token-exact, their table reads with
 `MlflowClient.load_table`, and logging a step again replaces its files instead of appending."""
 
 from __future__ import annotations
@@ -117,11 +117,12 @@ def test_tokens_are_marked_masked_or_sampled_exactly(rollout, tok) -> None:
 def test_token_text_is_escaped_and_the_markup_holds_only_div_and_span(rollout, tok) -> None:
     markup = view_rollout(rollout, tok, color="mask").html
     p = _parse(markup)
-    assert p.tags == {"div", "span"}  # `<tool_call>`, `<|im_start|>` and `<` in the text never become tags
+    assert p.tags == {"div", "span", "style"}  # `<tool_call>`, `<|im_start|>` and `<` in the text never become tags
     shown = "".join(s["text"] for s in p.tokens).replace("↵\n", "\n")
     assert shown == tok.decode(rollout.tokens_T.tolist())
     assert "&amp;" in markup and "&lt;" in markup and "&gt;" in markup
-    assert not re.search(r"<(?!/?(div|span)\b)", markup), "an unescaped < outside div/span tags"
+    assert not re.search(r"<(?!/?(div|span|style)\b)", markup), "an unescaped < outside div/span/style tags"
+    assert markup.count("<style>") == 1
     assert "<script" not in markup
 
 
