@@ -160,6 +160,14 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "reward_model_scores", "bradley_terry_loss", "save_reward_model", "load_reward_model",
         "compute_reward_model_score",
     ),
+    # researchlab.llm.train: post-training on the Loop (training_step, training_iteration, train)
+    "researchlab.llm.train": (
+        "ISCorrection", "LossFn", "PromptLoader", "SampleFn", "EvalFn", "TrainConfig", "algorithm_schedule",
+        "TrainState", "split_model", "make_optimizer", "init_train_state", "token_logprobs", "get_reference_logprobs",
+        "importance_weights", "algorithm_loss", "training_step", "TrainFns", "IterationBatch", "update_iteration",
+        "make_update_fn", "jit_update_fn", "Problem", "load_problems", "env_group", "sample_groups", "rollout_stats",
+        "RolloutProvider", "training_iteration", "train", "quick_start_training",
+    ),
     "researchlab.llm.view": (
         "ROLLOUTS_DIR", "advantage_color", "RolloutView", "view_rollout", "group_advantages", "view_group",
         "rollouts_table", "rollout_record", "rollout_from_record", "rollouts_artifact", "log_rollouts",

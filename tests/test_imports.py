@@ -25,7 +25,7 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.llm.chat", "researchlab.llm.models", "researchlab.llm.generate", "researchlab.llm.lora",
                    "researchlab.tracking.tracker", "researchlab.tracking.magic", "researchlab.tracking.compare",
                    "researchlab.rl", "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
-                   "researchlab.llm.rewards", "researchlab.llm.view"]
+                   "researchlab.llm.rewards", "researchlab.llm.train", "researchlab.llm.view"]
 TYPEVARS = {"S", "C", "T"}
 
 
