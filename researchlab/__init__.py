@@ -191,6 +191,11 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "make_update_fn", "jit_update_fn", "Problem", "load_problems", "env_group", "sample_groups", "rollout_stats",
         "RolloutProvider", "training_iteration", "train", "quick_start_training",
     ),
+    "researchlab.llm.view": (
+        "ROLLOUTS_DIR", "advantage_color", "RolloutView", "view_rollout", "group_advantages", "view_group",
+        "rollouts_table", "rollout_record", "rollout_from_record", "rollouts_artifact", "log_rollouts",
+        "logged_rollout_steps", "load_rollouts",
+    ),
 }
 _LAZY: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBPACKAGES = ("design", "tracking", "rl", "llm", "examples")

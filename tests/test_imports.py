@@ -28,7 +28,7 @@ LIBRARY_MODULES = ["researchlab.design.core", "researchlab.design.utils", "resea
                    "researchlab.tracking.reproduce",
                    "researchlab.tracking.sweep",
                    "researchlab.rl", "researchlab.llm.tools", "researchlab.llm.rollouts", "researchlab.llm.envs",
-                   "researchlab.llm.rewards", "researchlab.llm.train"]
+                   "researchlab.llm.rewards", "researchlab.llm.train", "researchlab.llm.view"]
 TYPEVARS = {"S", "C", "T"}
 
 

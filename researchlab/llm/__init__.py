@@ -9,4 +9,5 @@ Written by hand (nbdev leaves it alone). The modules are imported by name
 
 # Part 2, post-training around the model (one module each, imported by name like the above): `tools` (tool calls
 # read, run with timeouts, counted), `rollouts` (Rollout data, the async Env protocol, batched sampling of envs),
-# `envs` (multi-turn tool use), `rewards` (reward functions over rollouts, reward models).
+# `envs` (multi-turn tool use), `rewards` (reward functions over rollouts, reward models), `view` (a rollout's tokens
+# as HTML coloured by loss mask and advantage, rollouts stored in and read back from the MLflow run).
