@@ -5,6 +5,7 @@
 # %% ../../nbs/30_ppo.ipynb #ddb04c04
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -114,7 +115,7 @@ class ActorCritic(eqx.Module):
         ka, kc = jax.random.split(key)
         ka1, ka2, ka3 = jax.random.split(ka, 3)
         kc1, kc2, kc3 = jax.random.split(kc, 3)
-        g = float(jnp.sqrt(2.0))
+        g = math.sqrt(2.0)  # a Python float: the model can be built inside `jax.jit`
         self.actor = (_dense(ka1, obs_size, hidden, g), _dense(ka2, hidden, hidden, g),
                       _dense(ka3, hidden, num_actions, 0.01))
         self.critic = (_dense(kc1, obs_size, hidden, g), _dense(kc2, hidden, hidden, g),
@@ -185,8 +186,15 @@ def init_ppo(config: PPOConfig,  # the run's hyper-parameters
              key: jax.Array | None = None,  # a typed PRNG key (default: `jax.random.key(config.seed)`)
              ) -> PPOState:  # at update 0
     "A fresh `PPOState` (new model, reset environments); the key defaults to `jax.random.key(config.seed)`."
-    env, env_params = make_ppo_env(config)
+    make_ppo_env(config)  # a bad env_name fails here, before anything compiles
     key = jax.random.key(config.seed) if key is None else key
+    return _init_ppo(config.replace(seed=0), key)  # seeds share one program: only the key differs
+
+
+@eqx.filter_jit
+def _init_ppo(config: PPOConfig, key: jax.Array) -> PPOState:
+    "`init_ppo` as one compiled program (the Config static): one compile instead of dozens of eager ones."
+    env, env_params = make_ppo_env(config)
     key, k_model, k_env = jax.random.split(key, 3)
     model = ActorCritic(env.observation_space(env_params).shape[0], env.num_actions, config.hidden, key=k_model)
     obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, config.num_envs), env_params)
