@@ -3,13 +3,15 @@ sampling (rollouts through `RolloutProvider`: envs, sampler, decoding, rewards),
 (`get_reference_logprobs`, jitted) and the update (`update_iteration`: the trainer's log-probabilities, the loss and
 `inner_steps` Adam steps, jitted), and the sampling phase's tokens/s against the generator alone (`kv_generate` on
 the same prompts, batch and length). Compilation is timed on its own (the first iteration) and not counted.
+The reference pass and the update go through the model `--micro-batch` rows at a time (`TrainConfig.micro_batch_size`:
+the gradient is the whole batch's), so no `[B, T, V]` logits of the whole batch are held.
 
 Default shape (issue 16): 16 prompts x 8 samples x 64 new tokens. Rows sample at temperature 1; a row stops at
 `<|im_end|>`, so the sampling phase's tokens are those actually sampled; the generator-alone row samples the same
 batch with no stop token (exactly `--new-tokens` per row), an upper bound on its work. No speed target: the figures
 are reported (the ratio `rollout tokens/s / generator tokens/s` says what the rollout machinery costs).
 
-    python bench/bench_grpo.py [--prompts 16] [--group 8] [--new-tokens 64] [--inner-steps 1]
+    python bench/bench_grpo.py [--prompts 16] [--group 8] [--new-tokens 64] [--inner-steps 1] [--micro-batch 16]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 
 import equinox as eqx
 import jax
@@ -61,6 +64,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--inner-steps", type=int, default=1)
+    ap.add_argument("--micro-batch", type=int, default=16, help="rows per forward/backward pass; 0: the whole batch")
     args = ap.parse_args(argv)
     try:
         from researchlab.llm.models import load_model
@@ -74,12 +78,13 @@ def main(argv: list[str]) -> int:
     P, G, N = args.prompts, args.group, args.new_tokens
     gen = GenerationConfig(max_new_tokens=N, temperature=1.0)
     cfg = TrainConfig(num_prompts=P, group_size=G, inner_steps=args.inner_steps, lr=1e-4, generation=gen,
-                      algorithm=create_algorithm_config("grpo", kl_coef=0.04), pad_multiple=64)
+                      algorithm=create_algorithm_config("grpo", kl_coef=0.04), pad_multiple=64,
+                      micro_batch_size=args.micro_batch or None)
     state, frozen = init_train_state(model, cfg)
     provider = RolloutProvider(frozen, renderer, problems(P), numeric_match_reward(), cfg)
     fns = TrainFns(make_optimizer(cfg))
     update = jit_update_fn(fns)
-    ref_fn = jax.jit(get_reference_logprobs)
+    ref_fn = jax.jit(partial(get_reference_logprobs, micro_batch_size=cfg.micro_batch_size))
     rows = []
 
     def iteration(state, label: str):
@@ -100,7 +105,8 @@ def main(argv: list[str]) -> int:
             b, t = rb.tokens_B_T.shape
             print(f"bench_grpo: {label} iteration: the update ran out of memory ({str(e).splitlines()[0][:120]}); "
                   f"one pass holds logits [B={b}, T={t}, V={tok.vocab_size}] = {b * t * tok.vocab_size * 4 / 2**30:.1f} "
-                  f"GiB in float32, several times over with the gradient. The update needs micro-batching. "
+                  f"GiB in float32, several times over with the gradient; micro-batches of {cfg.micro_batch_size} "
+                  f"rows hold {cfg.micro_batch_size or b}/{b} of it: lower --micro-batch. "
                   f"Sampling took {t1 - t0:.1f} s for {sampled} tokens ({sampled / (t1 - t0):,.0f} tokens/s)")
             sys.exit(1)
         rows.append((label, t1 - t0, t2 - t1, t3 - t2, t4 - t3, sampled, tuple(rb.tokens_B_T.shape),
@@ -120,7 +126,7 @@ def main(argv: list[str]) -> int:
     t_gen = time.perf_counter() - t0
 
     print(f"SmolLM2-135M-Instruct + LoRA r=8 (wq, wv), {P} prompts x {G} samples x {N} new tokens, "
-          f"inner_steps={args.inner_steps}, {jax.devices()[0].platform}")
+          f"inner_steps={args.inner_steps}, micro-batch {cfg.micro_batch_size or 'off'}, {jax.devices()[0].platform}")
     print(f"{'iteration':<18}{'sampling s':>11}{'batching s':>11}{'ref lp s':>10}{'update s':>10}{'total s':>9}"
           f"{'sampled':>9}{'batch [B,T]':>13}{'reward':>8}")
     for label, ts, tb, tr, tu, n, shape, reward in rows:

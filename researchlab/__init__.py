@@ -186,7 +186,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     # researchlab.llm.train: post-training on the Loop (training_step, training_iteration, train)
     "researchlab.llm.train": (
         "ISCorrection", "LossFn", "PromptLoader", "SampleFn", "EvalFn", "TrainConfig", "algorithm_schedule",
-        "TrainState", "split_model", "make_optimizer", "init_train_state", "token_logprobs", "get_reference_logprobs",
+        "TrainState", "split_model", "make_optimizer", "init_train_state", "split_micro_batches", "merge_micro_batches",
+        "token_logprobs", "get_reference_logprobs",
         "importance_weights", "algorithm_loss", "training_step", "TrainFns", "IterationBatch", "update_iteration",
         "make_update_fn", "jit_update_fn", "Problem", "load_problems", "env_group", "sample_groups", "rollout_stats",
         "RolloutProvider", "training_iteration", "train", "quick_start_training",

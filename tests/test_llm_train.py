@@ -32,6 +32,7 @@ from researchlab.llm.train import (
     TrainConfig,
     TrainFns,
     algorithm_loss,
+    get_reference_logprobs,
     init_train_state,
     make_optimizer,
     rollout_stats,
@@ -425,3 +426,95 @@ def test_multiturn_tool_groups_train_and_report_tool_success(tok) -> None:
     assert (m["tools/calls_per_rollout"], m["tools/success_rate"]) == (1.0, 0.5)  # the second call lacks `b`
     assert (m["turns/mean"], m["stop/completed"], m["reward/mean"]) == (2.0, 1.0, 1.0)
     assert int(s1.policy_version) == 1
+
+
+def assert_trees_close(a, b, rtol: float = 1e-5, atol: float = 0.0) -> None:
+    "Every leaf of `a` within `rtol` of `b` relative to the leaf's largest entry (entries near 0 included), or `atol`."
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=max(atol, rtol * float(np.abs(y).max(initial=0.0))))
+
+
+def shapes_in_jaxpr(jaxpr) -> set[tuple[int, ...]]:
+    "Shapes of every value a (closed) jaxpr and the jaxprs nested in it (scan, map, cond bodies) compute."
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    out = set()
+    for eqn in jaxpr.eqns:
+        out |= {tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")}
+        for p in eqn.params.values():
+            for q in p if isinstance(p, (tuple, list)) else (p,):
+                if hasattr(q, "eqns") or hasattr(getattr(q, "jaxpr", None), "eqns"):
+                    out |= shapes_in_jaxpr(q)
+    return out
+
+
+@pytest.mark.parametrize("name,kl", [("grpo", 0.05), ("dapo", 0.0), ("dr_grpo", 0.0)])  # sequence, token, constant
+def test_micro_batched_step_equals_the_whole_batch_step(model, rb, gen, name, kl) -> None:
+    config = algo(name, kl_coef=kl)
+    st, fz = init_train_state(model, TrainConfig())
+    opt = make_optimizer(TrainConfig())
+    mask = rb.loss_mask_B_T
+    wiggle = 0.3 * jnp.sin(jnp.arange(mask.size, dtype=jnp.float32)).reshape(mask.shape) * mask
+    rb_ = rb._replace(logprobs_B_T=rb.logprobs_B_T + wiggle,  # pi_old != pi_theta: ratios, clipping, approx_kl
+                      ref_logprobs_B_T=(rb.logprobs_B_T - wiggle) * mask, advantages_B=jnp.linspace(-1.0, 1.0, 8))
+    weights = jnp.linspace(0.5, 1.5, rb.tokens_B_T.size).reshape(rb.tokens_B_T.shape) * rb.loss_mask_B_T
+    kw = dict(frozen=fz, optimizer=opt, allowed_token_ids=gen.allowed_token_ids, is_weights_B_T=weights)
+    whole = training_step(st.params, st.opt_state, rb_, config, **kw)
+    assert rb.tokens_B_T.shape[0] == 8
+    for m in (1, 3, 4):  # 3: the last micro-batch is filled with repeated rows
+        micro = training_step(st.params, st.opt_state, rb_, config, micro_batch_size=m, **kw)
+        assert_trees_close(micro[1], whole[1])  # Adam's moments: the (clipped) gradient itself
+        assert_trees_close(micro[0], whole[0])
+        assert_trees_close(micro[2], whole[2], atol=1e-7)  # loss, grad_norm and every diagnostic
+    assert float(whole[2]["grad_norm"]) > 0 and float(whole[2]["clip_fraction"]) > 0
+
+
+def test_micro_batched_step_is_exact_for_a_loss_that_uses_the_entropy(model, rb, gen) -> None:
+    def entropy_bonus(config, batch):
+        loss, aux = algorithm_loss(config, batch)
+        m = batch["mask_B_T"]
+        return loss - 0.1 * (batch["entropy_B_T"] * m).sum() / m.sum(), aux
+
+    st, fz = init_train_state(model, TrainConfig())
+    kw = dict(frozen=fz, optimizer=make_optimizer(TrainConfig()), allowed_token_ids=gen.allowed_token_ids,
+              loss_fn=entropy_bonus)
+    grpo = algo("grpo", kl_coef=0.0)
+    whole = training_step(st.params, st.opt_state, rb, grpo, **kw)
+    micro = training_step(st.params, st.opt_state, rb, grpo, micro_batch_size=3, **kw)
+    assert_trees_close(micro[:2], whole[:2])
+    assert_trees_close(micro[2], whole[2], atol=1e-7)
+    plain = training_step(st.params, st.opt_state, rb, grpo, **{**kw, "loss_fn": None})
+    assert not np.allclose(np.asarray(plain[2]["grad_norm"]), np.asarray(whole[2]["grad_norm"]))
+
+
+def test_micro_batched_passes_hold_no_whole_batch_logits(model, rb, gen) -> None:
+    st, fz = init_train_state(model, TrainConfig())
+    b, t = rb.tokens_B_T.shape
+    whole_logits = (b, t - 1, model.embed_V_D.shape[0])
+    for m, expect in ((None, True), (4, False)):
+        step = jax.make_jaxpr(lambda p, o, m=m: training_step(
+            p, o, rb, algo("grpo", kl_coef=0.0), frozen=fz, optimizer=make_optimizer(TrainConfig()),
+            allowed_token_ids=gen.allowed_token_ids, micro_batch_size=m))(st.params, st.opt_state)
+        assert (whole_logits in shapes_in_jaxpr(step)) is expect
+        ref = jax.make_jaxpr(lambda mod, m=m: get_reference_logprobs(mod, rb, micro_batch_size=m))(model)
+        assert (whole_logits in shapes_in_jaxpr(ref)) is expect
+
+
+def test_micro_batched_training_iteration_matches_the_whole_batch(model, renderer, cfg) -> None:
+    base = cfg.model_copy(update={"algorithm": algo("grpo", kl_coef=0.05), "inner_steps": 2,
+                                  "is_correction": "truncate"})
+    results = []
+    for m in (None, 3):
+        config = base.model_copy(update={"micro_batch_size": m})
+        fns = TrainFns(make_optimizer(config))
+        state, frozen = init_train_state(model, config)
+        provider = RolloutProvider(frozen, renderer, PROBLEMS, digit_reward, config)
+        results.append(training_iteration(state, provider, config, fns=fns))
+    (s_whole, m_whole), (s_micro, m_micro) = results
+    assert_trees_close(state_arrays(s_micro), state_arrays(s_whole))
+    assert int(s_micro.policy_version) == 1 and int(s_micro.clock.step) == 1
+    m_whole, m_micro = untimed(m_whole), untimed(m_micro)
+    assert m_micro.keys() == m_whole.keys() and m_whole["kl"] > 0
+    np.testing.assert_allclose([m_micro[k] for k in m_whole], list(m_whole.values()), rtol=1e-5, atol=1e-7)

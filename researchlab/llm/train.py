@@ -87,10 +87,11 @@ from researchlab.rl.reference import (
 
 # %% auto #0
 __all__ = ['ISCorrection', 'LossFn', 'PromptLoader', 'SampleFn', 'EvalFn', 'TrainConfig', 'algorithm_schedule', 'TrainState',
-           'split_model', 'make_optimizer', 'init_train_state', 'token_logprobs', 'get_reference_logprobs',
-           'importance_weights', 'algorithm_loss', 'training_step', 'TrainFns', 'IterationBatch', 'update_iteration',
-           'make_update_fn', 'jit_update_fn', 'Problem', 'load_problems', 'env_group', 'sample_groups', 'rollout_stats',
-           'RolloutProvider', 'training_iteration', 'train', 'quick_start_training']
+           'split_model', 'make_optimizer', 'init_train_state', 'split_micro_batches', 'merge_micro_batches',
+           'token_logprobs', 'get_reference_logprobs', 'importance_weights', 'algorithm_loss', 'training_step',
+           'TrainFns', 'IterationBatch', 'update_iteration', 'make_update_fn', 'jit_update_fn', 'Problem',
+           'load_problems', 'env_group', 'sample_groups', 'rollout_stats', 'RolloutProvider', 'training_iteration',
+           'train', 'quick_start_training']
 
 # %% ../../nbs/50_llm_train.ipynb #68150129
 ISCorrection = Literal["none", "truncate", "mask"]
@@ -111,6 +112,7 @@ class TrainConfig(Config):
     is_cap: float = Field(2.0, gt=0.0)  # C: the weight's cap ("truncate") or cut-off ("mask")
     pad_to: int | None = Field(None, ge=2)  # batch width T (one compiled program); None: round up to pad_multiple
     pad_multiple: int = Field(32, ge=1)  # batch widths are rounded up to a multiple of this
+    micro_batch_size: int | None = Field(None, ge=1)  # rows per forward/backward pass; None: the whole batch at once
     seed: int = 0  # seed of the run's PRNG key
 
 
@@ -164,15 +166,9 @@ def init_train_state(model: Llama,  # the policy to train (with LoRA adapters to
     return state, frozen
 
 # %% ../../nbs/50_llm_train.ipynb #1bd3f4ab
-def token_logprobs(model: Llama,  # the policy or the reference
-                   tokens_B_T: jax.Array,  # right-padded token ids, int32
-                   attention_mask_B_T: jax.Array,  # 1 on real tokens
-                   *,
-                   temperature: float = 1.0,  # the sampler's temperature (0 counts as 1)
-                   allowed_token_ids: tuple[int, ...] = (),  # the sampler's allowed tokens; () allows all
-                   ) -> tuple[jax.Array, jax.Array]:
-    r"""Teacher-forced `(logprobs_B_T, entropy_B_T)`: entry `t` scores `tokens_B_T[:, t]` given the tokens before it
-    under $\mathrm{softmax}(z/\tau)$ (the sampler's distribution); position 0 has no prediction and holds 0."""
+def _token_logprobs(model: Llama, tokens_B_T: jax.Array, attention_mask_B_T: jax.Array, temperature: float,
+                    allowed_token_ids: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    "One teacher-forced pass over all rows (holds the `[B, T, V]` logits)."
     logits = sequence_logits(model, tokens_B_T, attention_mask_B_T)[:, :-1].astype(jnp.float32)
     logits = restrict_logits(logits, allowed_token_ids) / (temperature or 1.0)
     lp, ent = token_logprobs_and_entropy(logits, tokens_B_T[:, 1:].astype(jnp.int32))
@@ -180,15 +176,57 @@ def token_logprobs(model: Llama,  # the policy or the reference
     return jnp.concatenate([zero, lp], axis=1), jnp.concatenate([zero, ent], axis=1)
 
 
+def split_micro_batches(arrays: Any,  # a PyTree of arrays sharing the leading axis B
+                        micro_batch_size: int,  # M rows per micro-batch
+                        ) -> Any:
+    "The PyTree with every leaf `[B, ...]` reshaped to `[ceil(B/M), M, ...]`, the last rows repeated to fill it."
+    leaves = jax.tree.leaves(arrays)
+    b = leaves[0].shape[0]
+    n = -(-b // micro_batch_size)
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] != b:
+            raise ValueError(f"split_micro_batches: every array must have B={b} rows; received shape {x.shape}")
+        x = jnp.pad(x, [(0, n * micro_batch_size - b)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+        return x.reshape(n, micro_batch_size, *x.shape[1:])
+    return jax.tree.map(split, arrays)
+
+
+def merge_micro_batches(arrays: Any,  # a PyTree of `[N, M, ...]` arrays from `split_micro_batches`
+                        rows: int,  # B, the rows before splitting
+                        ) -> Any:
+    "The inverse of `split_micro_batches`: leaves `[N·M, ...]` cut back to their first `rows` rows."
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:rows], arrays)
+
+
+def token_logprobs(model: Llama,  # the policy or the reference
+                   tokens_B_T: jax.Array,  # right-padded token ids, int32
+                   attention_mask_B_T: jax.Array,  # 1 on real tokens
+                   *,
+                   temperature: float = 1.0,  # the sampler's temperature (0 counts as 1)
+                   allowed_token_ids: tuple[int, ...] = (),  # the sampler's allowed tokens; () allows all
+                   micro_batch_size: int | None = None,  # rows per pass (`lax.map` over micro-batches); None: all
+                   ) -> tuple[jax.Array, jax.Array]:
+    r"""Teacher-forced `(logprobs_B_T, entropy_B_T)`: entry `t` scores `tokens_B_T[:, t]` given the tokens before it
+    under $\mathrm{softmax}(z/\tau)$ (the sampler's distribution); position 0 has no prediction and holds 0.
+    With `micro_batch_size` the rows go through the model M at a time, so no `[B, T, V]` logits exist at once."""
+    b = tokens_B_T.shape[0]
+    if micro_batch_size is None or micro_batch_size >= b:
+        return _token_logprobs(model, tokens_B_T, attention_mask_B_T, temperature, allowed_token_ids)
+    chunks = split_micro_batches((tokens_B_T, attention_mask_B_T), micro_batch_size)
+    out = jax.lax.map(lambda c: _token_logprobs(model, *c, temperature, allowed_token_ids), chunks)
+    return merge_micro_batches(out, b)
+
+
 def get_reference_logprobs(ref_model: Llama,  # the reference policy
                            batch: RolloutBatch,  # the rollouts as arrays
                            *,
                            temperature: float = 1.0,  # the sampler's temperature
                            allowed_token_ids: tuple[int, ...] = (),  # the sampler's allowed tokens
+                           micro_batch_size: int | None = None,  # rows per pass; None: the whole batch in one
                            ) -> jax.Array:
     "The reference's log-probabilities of the sampled tokens, `[B, T]`, 0 off the loss mask (no gradient)."
     lp, _ = token_logprobs(ref_model, batch.tokens_B_T, batch.attention_mask_B_T, temperature=temperature,
-                           allowed_token_ids=allowed_token_ids)
+                           allowed_token_ids=allowed_token_ids, micro_batch_size=micro_batch_size)
     return jax.lax.stop_gradient(lp * batch.loss_mask_B_T)
 
 # %% ../../nbs/50_llm_train.ipynb #518df30f
@@ -241,6 +279,32 @@ def algorithm_loss(config: AlgorithmConfig,  # which algorithm and its coefficie
                              max_length=config.max_length, kl_estimator=kl_fn, **b)
 
 # %% ../../nbs/50_llm_train.ipynb #749e51c9
+def _micro_batched_grad(params: Any, frozen: Any, batch: RolloutBatch, loss_of_logprobs: Callable, m: int,
+                        temperature: float, allowed_token_ids: tuple[int, ...]) -> tuple[tuple, Any]:
+    "`((loss, aux), grads)` of the whole batch, M rows per pass: the loss's gradient in the log-probs, then VJPs."
+    kw = {"temperature": temperature, "allowed_token_ids": allowed_token_ids}
+    tokens, attn = batch.tokens_B_T, batch.attention_mask_B_T
+    lp, ent = jax.lax.stop_gradient(token_logprobs(eqx.combine(params, frozen), tokens, attn, micro_batch_size=m,
+                                                   **kw))
+    (loss, aux), (g_lp, g_ent) = jax.value_and_grad(loss_of_logprobs, argnums=(0, 1), has_aux=True)(lp, ent)
+    rows = tokens.shape[0]
+    # rows repeated to fill the last micro-batch get cotangent 0, so they add nothing
+    pad = (-rows) % m
+    g_lp, g_ent = (jnp.pad(g, [(0, pad), (0, 0)]) for g in (g_lp, g_ent))
+    chunks = (split_micro_batches((tokens, attn), m), g_lp.reshape(-1, m, g_lp.shape[1]),
+              g_ent.reshape(-1, m, g_ent.shape[1]))
+
+    def accumulate(total: Any, chunk: tuple) -> tuple[Any, None]:
+        (tok, am), g, h = chunk
+        def surrogate(p: Any) -> jax.Array:
+            lp_c, ent_c = _token_logprobs(eqx.combine(p, frozen), tok, am, temperature, allowed_token_ids)
+            return jnp.sum(lp_c * g) + jnp.sum(ent_c * h)
+        return jax.tree.map(jnp.add, total, jax.grad(surrogate)(params)), None
+
+    grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), chunks)
+    return (loss, aux), grads
+
+
 @eqx.filter_jit
 def training_step(params: Any,  # the trainable arrays (a PyTree)
                   opt_state: optax.OptState,  # the optimizer's state
@@ -256,6 +320,7 @@ def training_step(params: Any,  # the trainable arrays (a PyTree)
                   kl_fn: KLFn | None = None,  # per-token KL `(logprobs, ref_logprobs) -> kl` for the default loss
                   temperature: float = 1.0,  # the sampler's temperature (static)
                   allowed_token_ids: tuple[int, ...] = (),  # the sampler's allowed tokens (static)
+                  micro_batch_size: int | None = None,  # rows per forward/backward pass (static); None: all at once
                   ) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
     r"""One optimizer step on `loss_fn(config, loss_batch)`: pure, jitted. Returns `(params, opt_state, metrics)`.
 
@@ -263,6 +328,12 @@ def training_step(params: Any,  # the trainable arrays (a PyTree)
     `old_logprobs_B_T`, `ref_logprobs_B_T` (when known), `mask_B_T` (the loss mask) and per-token advantages
     $A_b\, w_{bt}$: the importance weights multiply the advantages, which is the weighted surrogate
     $w_{bt}\cdot\bigl(-\min(\rho_{bt} A_b, \mathrm{clip}(\rho_{bt}) A_b)\bigr)$ because $w_{bt} \ge 0$.
+
+    With `micro_batch_size` $M$ the gradient is the whole batch's, by the chain rule through the log-probabilities:
+    a no-gradient pass gives $\ell = \log\pi_\theta$ and $H$ ($M$ rows at a time), the loss on the whole `[B, T]`
+    arrays gives $g = \partial L/\partial \ell$ and $h = \partial L/\partial H$, and the parameter gradient is
+    $\sum_c \nabla_\theta \sum_{bt \in c} (g_{bt}\,\ell_{bt} + h_{bt}\,H_{bt})$, accumulated over the micro-batches
+    $c$ by a `lax.scan`. Any loss (every aggregation, a `loss_fn`, a `kl_fn`) and its metrics are exact.
     """
     old = batch.logprobs_B_T if old_logprobs_B_T is None else old_logprobs_B_T
     ref = batch.ref_logprobs_B_T if ref_logprobs_B_T is None else ref_logprobs_B_T
@@ -270,16 +341,22 @@ def training_step(params: Any,  # the trainable arrays (a PyTree)
     adv = batch.advantages_B[:, None] * (jnp.ones_like(mask) if is_weights_B_T is None else is_weights_B_T)
     loss_fn = partial(algorithm_loss, kl_fn=kl_fn) if loss_fn is None else loss_fn
 
-    def objective(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-        lp, ent = token_logprobs(eqx.combine(p, frozen), batch.tokens_B_T, batch.attention_mask_B_T,
-                                 temperature=temperature, allowed_token_ids=allowed_token_ids)
+    def loss_of_logprobs(lp: jax.Array, ent: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         loss_batch = {"logprobs_B_T": lp * mask, "advantages_B": adv, "mask_B_T": mask,
                       "old_logprobs_B_T": old * mask, "entropy_B_T": ent}
         if ref is not None:
             loss_batch["ref_logprobs_B_T"] = ref * mask
         return loss_fn(config, loss_batch)
 
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    def objective(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return loss_of_logprobs(*token_logprobs(eqx.combine(p, frozen), batch.tokens_B_T, batch.attention_mask_B_T,
+                                                temperature=temperature, allowed_token_ids=allowed_token_ids))
+
+    if micro_batch_size is None or micro_batch_size >= mask.shape[0]:
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    else:
+        (loss, aux), grads = _micro_batched_grad(params, frozen, batch, loss_of_logprobs, micro_batch_size,
+                                                 temperature, allowed_token_ids)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
@@ -326,15 +403,17 @@ def update_iteration(state: TrainState,  # the run so far
     rb, frozen = batch.batch, batch.frozen
     gen = config.generation
     kw = {"temperature": gen.temperature, "allowed_token_ids": gen.allowed_token_ids}
+    micro = config.micro_batch_size
     configs, starts, which = _schedule_table(config)
     iteration = state.clock.step
     ref = rb.ref_logprobs_B_T
     if ref is None and _needs_reference(configs):
-        ref = get_reference_logprobs(eqx.combine(state.ref_params, frozen), rb, **kw)
+        ref = get_reference_logprobs(eqx.combine(state.ref_params, frozen), rb, micro_batch_size=micro, **kw)
     old, weights, is_stats = rb.logprobs_B_T, None, {}
     if config.is_correction != "none":
         old = jax.lax.stop_gradient(token_logprobs(eqx.combine(state.params, frozen), rb.tokens_B_T,
-                                                   rb.attention_mask_B_T, **kw)[0] * rb.loss_mask_B_T)
+                                                   rb.attention_mask_B_T, micro_batch_size=micro, **kw)[0]
+                                    * rb.loss_mask_B_T)
         weights, is_stats = importance_weights(old, rb.logprobs_B_T, rb.loss_mask_B_T, config.is_correction,
                                                config.is_cap)
 
@@ -344,7 +423,7 @@ def update_iteration(state: TrainState,  # the run so far
                 p, o = carry
                 p, o, m = training_step(p, o, rb, algo, frozen=frozen, optimizer=fns.optimizer, old_logprobs_B_T=old,
                                         ref_logprobs_B_T=ref, is_weights_B_T=weights, loss_fn=fns.loss_fn,
-                                        kl_fn=fns.kl_fn, **kw)
+                                        kl_fn=fns.kl_fn, micro_batch_size=micro, **kw)
                 return (p, o), m
             (p, o), m = jax.lax.scan(inner, (params, opt_state), None, length=config.inner_steps)
             return p, o, {k: v[-1] for k, v in m.items()}
