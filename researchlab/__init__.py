@@ -32,7 +32,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.design.mlflow_rules": (
         "MAX_KEY_LENGTH", "MAX_PARAM_VALUE_LENGTH", "MAX_TAG_VALUE_LENGTH", "MAX_ENTRIES_PER_BATCH",
         "MAX_PARAMS_PER_BATCH", "KEY_CHARS", "check_key", "check_metric", "flatten_params", "param_value", "get_or_create_experiment", "active_run_id",
-        "sanitize_param_key", "SECRET_ENV_VARS", "redact", "run_link",
+        "sanitize_param_key", "SECRET_ENV_VARS", "redact", "run_link", "absolute_tracking_uri",
         "TrackingServerUnreachable", "check_reachable", "prepare_sqlite_store",
     ),
     "researchlab.design.mlflow_telemetry": (
@@ -103,7 +103,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "researchlab.tracking.reproduce": (
         "REPRODUCES_TAG", "ReproduceError", "find_run_by_id", "RunRecipe", "run_recipe", "run_checkout",
         "MetricDifference", "first_metric_difference", "EnvironmentDifference", "environment_differences",
-        "ReproduceReport", "compare_runs", "absolute_tracking_uri", "rerun_command", "reproduce", "reproduce_main",
+        "ReproduceReport", "compare_runs", "rerun_command", "reproduce", "reproduce_main",
     ),
     "researchlab.tracking.sweep": (
         "Grid", "SWEEP_ARTIFACT", "TRIAL_TAG", "EXECUTORS", "SWEEP_USAGE", "SweepError", "Distribution", "parse_grid",

@@ -174,3 +174,19 @@ def test_run_the_ppo_builder(project: Path, tmp_path: Path):
     assert config["total_steps"] == 1024 and config["num_envs"] == 4
     env = json.loads(read_artifact(client, mlflow_id, "rlab/environment.json", tmp_path / "dl"))
     assert PACKAGES <= set(env["versions"]) and env["versions"]["gymnax"]
+
+
+def test_the_default_store_follows_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two runs with the default `sqlite:///mlflow.db`, a chdir between them (a notebook's `%cd`): each lands in its own
+    folder's store, although MLflow keeps one engine per URI string."""
+    from researchlab.tracking.run import run_target
+
+    a, b = make_project(tmp_path / "a"), make_project(tmp_path / "b")
+    ids = {}
+    for folder in (a, b):
+        monkeypatch.chdir(folder)
+        ids[folder] = run_target(QUAD, ["steps=2"], experiment="here")["mlflow_run_id"]
+    for folder in (a, b):
+        client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("here").experiment_id])
+        assert run.info.run_id == ids[folder]

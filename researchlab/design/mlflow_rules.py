@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ['MAX_KEY_LENGTH', 'MAX_PARAM_VALUE_LENGTH', 'MAX_TAG_VALUE_LENGTH', 'MAX_ENTRIES_PER_BATCH', 'MAX_PARAMS_PER_BATCH',
            'KEY_CHARS', 'SECRET_ENV_VARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params',
            'param_value', 'redact', 'run_link', 'TrackingServerUnreachable', 'check_reachable', 'prepare_sqlite_store',
-           'get_or_create_experiment', 'active_run_id']
+           'absolute_tracking_uri', 'get_or_create_experiment', 'active_run_id']
 
 # %% ../../nbs/04_mlflow_rules.ipynb #2ce0f60c
 MAX_KEY_LENGTH = 250
@@ -267,6 +267,16 @@ def prepare_sqlite_store(tracking_uri: str,  # the tracking URI; only `sqlite://
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, path)
+
+# %% ../../nbs/04_mlflow_rules.ipynb #61b9bd93
+def absolute_tracking_uri(uri: str,  # a tracking URI, as given
+                          ) -> str:  # the same store, by an absolute path when it is a relative `sqlite:///` one
+    "`uri` with a relative sqlite path made absolute against the current folder; any other URI unchanged."
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path, sep, query = uri[len("sqlite:///"):].partition("?")
+        if path and path != ":memory:":
+            return f"sqlite:///{Path(path).resolve()}{sep}{query}"
+    return uri
 
 # %% ../../nbs/04_mlflow_rules.ipynb #7649ec01
 def get_or_create_experiment(client: MlflowClient,  # the tracking store to look in

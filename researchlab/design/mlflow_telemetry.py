@@ -27,6 +27,7 @@ from fastcore.basics import patch
 from researchlab.design.mlflow_rules import (
     MAX_ENTRIES_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
+    absolute_tracking_uri,
     check_key,
     check_metric,
     check_reachable,
@@ -127,7 +128,7 @@ class _Sender:
         self.spool_path = spool_dir / f"mlflow-spool-{run_id}-{int(time.time() * 1000)}.jsonl"
         self.spool_lock = threading.Lock()  # both threads append to the spool file
         self.spilled = 0  # points written to the spool file (under spool_lock)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = MlflowClient(tracking_uri=absolute_tracking_uri(tracking_uri))
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.pending, self.rejected, self.overflow = _Points(), _Points(), _Points()
         self.inflight: _Points | None = None  # the batch on its way to the server
@@ -541,7 +542,7 @@ class MLFlowTelemetry(Telemetry[S, C]):
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.close_timeout, self.flush_timeout, self.owns_run = close_timeout, flush_timeout, False
         prepare_sqlite_store(self.tracking_uri, where="MLFlowTelemetry")  # created whole, or named when it is no store
-        client = MlflowClient(tracking_uri=self.tracking_uri)
+        client = MlflowClient(tracking_uri=absolute_tracking_uri(self.tracking_uri))
         if run_id is None and (active := mlflow.active_run()) is not None and \
                 self.tracking_uri == mlflow.get_tracking_uri():
             run_id = active.info.run_id
@@ -712,7 +713,7 @@ def upload_spool(path: str | Path,  # a spool file written by MLFlowTelemetry
                       f"{'are' if len(torn) > 1 else 'is'} torn (cut short by a crash or a full disk) and skipped; "
                       f"every intact line is uploaded", stacklevel=2)
     for (uri, run_id), pts in batches.items():
-        client = MlflowClient(tracking_uri=uri)
+        client = MlflowClient(tracking_uri=absolute_tracking_uri(uri))
         skipped += _skip_logged(client, run_id, pts)
         while pts.points:
             chunk = pts.take()

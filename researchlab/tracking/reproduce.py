@@ -26,14 +26,14 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ..design.mlflow_rules import check_reachable, redact, run_link
+from ..design.mlflow_rules import absolute_tracking_uri, check_reachable, redact, run_link
 from .tracker import GIT_PATCH, project_root, resolve_tracking_uri
 from .utils import find_run_by_rlab_id
 
 # %% auto #0
 __all__ = ['REPRODUCES_TAG', 'ReproduceError', 'find_run_by_id', 'RunRecipe', 'run_recipe', 'run_checkout', 'MetricDifference',
            'first_metric_difference', 'EnvironmentDifference', 'environment_differences', 'ReproduceReport',
-           'compare_runs', 'absolute_tracking_uri', 'rerun_command', 'reproduce', 'reproduce_main']
+           'compare_runs', 'rerun_command', 'reproduce', 'reproduce_main']
 
 # %% ../../nbs/15_tracking_reproduce.ipynb #8e5c4d3c
 _TARGET_TAG = "rlab.target"
@@ -414,14 +414,6 @@ def _cli_value(value: object) -> str:
         return repr(value) if isinstance(value, float) else str(value)
     return json.dumps(value)
 
-
-def absolute_tracking_uri(uri: str,  # a tracking URI
-                 ) -> str:  # the same store, by an absolute path when it is a relative `sqlite:///` one
-    "`uri` with a relative sqlite path made absolute (a child process in another folder must find the same file)."
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path, sep, query = uri[len("sqlite:///"):].partition("?")
-        return f"sqlite:///{Path(path).resolve()}{sep}{query}"
-    return uri
 
 # %% ../../nbs/15_tracking_reproduce.ipynb #7fc9961e
 def rerun_command(recipe: RunRecipe,  # the run to make again

@@ -35,7 +35,7 @@ from typing_extensions import Self
 from ..design.core import Config
 from ..design.infra import EquinoxPersister, MLFlowTelemetry, MultiTelemetry, Telemetry
 from ..design.loop import Loop
-from ..design.mlflow_rules import check_reachable, redact, run_link
+from ..design.mlflow_rules import absolute_tracking_uri, check_reachable, redact, run_link
 from ..design.persist import CheckpointError, CheckpointManager
 from .fork import FORK_TAGS, checkpoint_at_or_before, structure_difference
 from .tracker import ExperimentTracker
@@ -458,7 +458,7 @@ def _find_mlflow_run(run_id: str, tracking_uri: str, where: str) -> tuple[Mlflow
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):].split("?")[0]).is_file():
         return None
     check_reachable(tracking_uri, where=where)
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(absolute_tracking_uri(tracking_uri))
     run = find_run_by_rlab_id(run_id, client)
     return None if run is None else (client, run)
 

@@ -26,6 +26,7 @@ from typing_extensions import Self
 
 from researchlab.design.mlflow_rules import (
     MAX_TAG_VALUE_LENGTH,
+    absolute_tracking_uri,
     check_reachable,
     get_or_create_experiment,
     prepare_sqlite_store,
@@ -341,7 +342,7 @@ class ExperimentTracker:
         restore = _set_log_level(self.mlflow_log_level)
         try:
             prepare_sqlite_store(self.tracking_uri, where="ExperimentTracker")  # created whole, or named when it is no store
-            self.client = MlflowClient(self.tracking_uri)  # opens (a sqlite) store at once
+            self.client = MlflowClient(absolute_tracking_uri(self.tracking_uri))  # opens (a sqlite) store at once
         finally:
             restore()
         self.active_run: mlflow.ActiveRun | None = None  # the MLflow run while the tracker is active
@@ -395,7 +396,7 @@ def __enter__(self: ExperimentTracker) -> Self:
     tags = {_RLAB_ID_TAG: self.run_name, **_git_tags(self.git_state, existing is not None), **self.tags}
     if self.notebook_path is not None:
         tags["rlab.notebook"] = _tag(str(self.notebook_path))
-    mlflow.set_tracking_uri(self.tracking_uri)
+    mlflow.set_tracking_uri(absolute_tracking_uri(self.tracking_uri))
     self._restore_log_level = _set_log_level(self.mlflow_log_level)
     try:
         if existing is None:
