@@ -179,6 +179,14 @@ def test_context_overflow(tok) -> None:
     tiny_ctx = init_llama(cfg.model_copy(update={"max_seq_len": len(p)}), key=jax.random.key(1))
     first = scripted(tiny_ctx, tok, CALL)  # not even the first turn fits
     assert (first.stop_reason, first.turn_spans, len(first.tokens_T)) == ("context_overflow", (), len(p))
+    # the tool's reply alone would overflow: the rollout stops before it, its tokens never longer than the context
+    reply_ctx = len(p) + len(t1) + len(sfx) - 1
+    assert len(p) + n_new <= reply_ctx  # the first turn fits
+    narrow = init_llama(cfg.model_copy(update={"max_seq_len": reply_ctx}), key=jax.random.key(1))
+    r = scripted(narrow, tok, CALL, CALL, cfg=CFG.model_copy(update={"max_new_tokens": n_new}))
+    assert (r.stop_reason, len(r.turn_spans)) == ("context_overflow", 1)
+    assert r.tokens_T.tolist() == p + t1 and len(r.tokens_T) <= reply_ctx
+    assert r.conversation.messages[-1].role == "tool"  # the reply is in the conversation, not in the tokens
 
 
 def test_tools_that_raise_or_hang_become_tool_messages(model, tok) -> None:

@@ -261,6 +261,8 @@ async def run_envs(
             t.tools += res.tool_results
             if res.episode_done or i in cut:
                 t.stop = "max_tokens" if i in cut else (res.stop_reason or "completed")
+            elif len(t.tokens) + len(res.next_observation_ids) > ctx:  # the env's reply itself would not fit
+                t.stop = "context_overflow"
             else:
                 obs = list(res.next_observation_ids)
                 t.tokens += obs
