@@ -255,6 +255,8 @@ def test_schedule_switches_mid_training_with_one_trace_per_distinct_config(model
     assert loop.metric("clip_fraction_high")[1].shape == (8,)
     loop.run(2)  # more iterations, same program
     assert sum(traces.values()) == 3
+    again = train(model, renderer, PROBLEMS, digit_reward, 2, config=cfg, schedule=schedule, loss_fn=counting_loss)
+    assert sum(traces.values()) == 3 and again._spec.traces == 0  # a second train() alike reuses the programs
 
 
 def test_train_makes_the_reward_rise(model, renderer, cfg) -> None:

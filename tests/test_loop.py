@@ -362,6 +362,11 @@ def test_host_provider_and_weak_types_compile_once() -> None:
     loop.run(6)
     assert provider.calls == 6 and loop._spec.traces == 1
     assert float(loop.state.y) == 0.5 ** 6
+    # a host provider never enters the compiled call: another one (holding other arrays) shares the program
+    other = HostProvider({k: v + 1.0 for k, v in make_data().items()})
+    again = Loop(Cfg(), W(x=jnp.asarray(0.0), y=1.0, clock=Clock()), fn, other, progress=False)
+    again.run(2)
+    assert other.calls == 2 and again._spec.traces == 0
 
 
 # ---- scan fusion -------------------------------------------------------------------------------

@@ -115,7 +115,9 @@ class Loop(Generic[S, C]):
                             if checkpoint_dir is not None else None)  # after the checks: no folder on error
         self._cur: tuple[list[jax.Array], int] = (leaves, step)  # (leaves, clock step): swapped in one assignment
         self._view: tuple[object, S] | None = None
-        self._pdyn, self._pstatic = eqx.partition(data_provider, eqx.is_array)
+        # only a jittable provider runs inside the compiled call: another one is neither an argument of it nor part
+        # of its key, so Loops over equal kernels and Configs share one program whatever their providers hold
+        self._pdyn, self._pstatic = eqx.partition(data_provider, eqx.is_array) if self.jittable else (None, None)
         self._spec = _CallSpec(step_fn, config, self._layout, self._pstatic, clock, self.jittable, steps_per_call)
         self._one = jax.jit(_one_call, static_argnames="spec", donate_argnums=0 if donate else ())
         self._many = jax.jit(_fused_call, static_argnames="spec", donate_argnums=0 if donate else ())
