@@ -46,8 +46,10 @@ readme: install
 lint: install
 	$(BIN)/ruff check researchlab tests bench tools nbs
 
+# The tutorials (nbs/tutorials) are run by pytest instead (tests/test_tutorials.py, tests/test_tool_use_tutorial.py):
+# every cell, `#| slow` ones included, on a small budget and with assertions on what they show, so not twice here.
 nbtest: install
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/nbdev_test --n_workers 2 --timing --skip_folder_re '^([_.]|tutorials$$)'
 
 pytest: install
 	@$(BIN)/python -m pytest -q --timeout=900 -m "not slow" tests; rc=$$?; \
