@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_demo import _artifacts, _env, _runs, project  # noqa: F401  (project is a fixture)
+from _projects import artifacts as _artifacts
+from _projects import rlab_env as _env
+from test_demo import _runs, project  # noqa: F401  (project is a fixture)
 
 
 def _demos(project: Path, seeds: list[int]) -> list[subprocess.CompletedProcess]:  # noqa: F811

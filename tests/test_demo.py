@@ -1,7 +1,6 @@
 """`rlab demo` end to end, in a fresh git repository: a short run leaves an MLflow run with params, metrics,
 the git patch, the config and the video; Ctrl-C leaves a checkpoint that `--resume` continues."""
 
-import os
 import re
 import signal
 import subprocess
@@ -11,38 +10,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def _rlab(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "researchlab.cli", *args], cwd=cwd, env=_env(), text=True,
-                          capture_output=True, timeout=timeout)
-
-
-def _make_project(path: Path) -> Path:
-    "A git repository with one commit and an uncommitted change, as a user's project would be."
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    (path / ".gitignore").write_text("mlflow.db\nruns/\nmlflow-spool/\n")
-    (path / "train.py").write_text("print('hello')\n")
-    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], cwd=path,
-                   check=True)
-    (path / "train.py").write_text("print('hello, changed')\n")
-    return path
+from _projects import artifacts, make_project, rlab, rlab_env
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     "A git repository with one commit and an uncommitted change, as a user's project would be."
-    return _make_project(tmp_path)
+    return make_project(tmp_path)
 
 
 def _runs(cwd: Path) -> list:
@@ -52,11 +26,6 @@ def _runs(cwd: Path) -> list:
     return client, client.search_runs([exp.experiment_id])
 
 
-def _artifacts(client, run_id: str, path: str | None = None) -> list[str]:
-    out = []
-    for f in client.list_artifacts(run_id, path):
-        out.extend(_artifacts(client, run_id, f.path) if f.is_dir else [f.path])
-    return out
 
 
 def test_demo_bad_arguments(project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
@@ -89,7 +58,7 @@ def test_demo_bad_arguments(project: Path, monkeypatch: pytest.MonkeyPatch, caps
 def test_demo_ctrl_c_then_resume_is_tracked(project: Path):
     "Ctrl-C leaves a checkpoint and a KILLED run; --resume finishes it: params, metrics, patch, config, video."
     proc = subprocess.Popen([sys.executable, "-m", "researchlab.cli", "demo", "seed=3", "save_every=5", "log_every=5"],
-                            cwd=project, env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=project, env=rlab_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if list(project.glob("runs/*/checkpoints/ckpt_*.eqx")):
@@ -106,7 +75,7 @@ def test_demo_ctrl_c_then_resume_is_tracked(project: Path):
     client, runs = _runs(project)
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
 
-    res = _rlab(project, "demo", "--resume", run_id)
+    res = rlab(project, "demo", "--resume", run_id)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     assert f"run id:       {run_id}" in out and "after 976 updates" in out, out
@@ -124,7 +93,7 @@ def test_demo_ctrl_c_then_resume_is_tracked(project: Path):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "env_steps")]
     assert steps == list(range(5, 976, 5))  # before and after the interruption, each update once
     assert "episode_return" in run.data.metrics and "eval_episode_length" in run.data.metrics
-    arts = _artifacts(client, run.info.run_id)
+    arts = artifacts(client, run.info.run_id)
     assert {"git.patch.txt", "config.yaml", "videos/episode.mp4"} <= set(arts), arts
     patch = Path(client.download_artifacts(run.info.run_id, "git.patch.txt", str(project / "dl"))).read_text()
     assert "hello, changed" in patch
@@ -134,7 +103,7 @@ def test_demo_ctrl_c_then_resume_is_tracked(project: Path):
 
 def _interrupt_after_first_checkpoint(cwd: Path, *args: str) -> tuple[str, str, int]:
     "Start `rlab demo ARGS` in `cwd`, Ctrl-C it once its first checkpoint is on disk; `(stdout, stderr, returncode)`."
-    proc = subprocess.Popen([sys.executable, "-m", "researchlab.cli", "demo", *args], cwd=cwd, env=_env(), text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "researchlab.cli", "demo", *args], cwd=cwd, env=rlab_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -158,7 +127,7 @@ def test_demo_resumes_on_a_fresh_folder_from_mlflow_alone(tmp_path: Path, mlflow
     from researchlab.examples.ppo import PPOConfig, init_ppo, ppo_loop
 
     uri = mlflow_server.uri
-    a, b = _make_project(tmp_path / "machine-a"), _make_project(tmp_path / "machine-b")
+    a, b = make_project(tmp_path / "machine-a"), make_project(tmp_path / "machine-b")
     out, err, rc = _interrupt_after_first_checkpoint(a, "seed=3", "save_every=5", "log_every=5", "video=false",
                                                      f"tracking_uri={uri}")
     assert rc == 130, (out[-2000:], err[-3000:])
@@ -174,7 +143,7 @@ def test_demo_resumes_on_a_fresh_folder_from_mlflow_alone(tmp_path: Path, mlflow
     assert run.data.tags["rlab.resume_command"] == f"rlab demo --resume {run_id} tracking_uri={uri}"
     assert run.data.tags["rlab.checkpoint_step"] == str(stopped_at)
 
-    res = _rlab(b, "demo", "--resume", run_id, f"tracking_uri={uri}")
+    res = rlab(b, "demo", "--resume", run_id, f"tracking_uri={uri}")
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
     assert (f"holds no local checkpoint; continuing from the checkpoint of update {stopped_at} logged to the MLflow "
             f"run") in res.stdout, res.stdout
@@ -203,28 +172,28 @@ def test_demo_resumes_on_a_fresh_folder_from_mlflow_alone(tmp_path: Path, mlflow
 
 def test_demo_resume_of_a_finished_run(project: Path):
     "A finished run: --resume says so in one line and touches nothing; only a larger total_steps continues it."
-    res = _rlab(project, "demo", "total_steps=2048", "log_every=1", "save_every=2", "video=false")  # 4 updates
+    res = rlab(project, "demo", "total_steps=2048", "log_every=1", "save_every=2", "video=false")  # 4 updates
     assert res.returncode == 0, res.stderr[-3000:]
     run_id = re.search(r"run id:\s+(\S+)", res.stdout).group(1)
     client, (run,) = _runs(project)
-    before = sorted(_artifacts(client, run.info.run_id))
+    before = sorted(artifacts(client, run.info.run_id))
     assert "rlab.resume_command" not in run.data.tags  # finished: nothing to resume
 
-    res = _rlab(project, "demo", "--resume", run_id)
+    res = rlab(project, "demo", "--resume", run_id)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout == (f"rlab demo: run {run_id} is finished (4 updates, total_steps=2048); nothing to resume. To "
                           f"train it longer: rlab demo --resume {run_id} total_steps=N with N >= 2560\n"), res.stdout
     client, (run,) = _runs(project)
-    assert run.info.status == "FINISHED" and sorted(_artifacts(client, run.info.run_id)) == before
+    assert run.info.status == "FINISHED" and sorted(artifacts(client, run.info.run_id)) == before
     assert "rlab.resumed_at" not in run.data.tags
 
     for bad, says in (("total_steps=2048", "total_steps=2048 (4 updates) does not extend run"),
                       ("total_steps=100", "invalid options: total_steps = 100 is less than one update")):
-        res = _rlab(project, "demo", "--resume", run_id, bad)
+        res = rlab(project, "demo", "--resume", run_id, bad)
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and says in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
 
-    res = _rlab(project, "demo", "--resume", run_id, "total_steps=4096")  # 8 updates: 4 more
+    res = rlab(project, "demo", "--resume", run_id, "total_steps=4096")  # 8 updates: 4 more
     assert res.returncode == 0, res.stderr[-3000:]
     assert "after 8 updates" in res.stdout, res.stdout
     client, (run,) = _runs(project)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from test_run import QUAD, finished_run, make_project, rlab
+from _projects import make_project, rlab
+from test_run import QUAD, finished_run
 
 from researchlab.tracking.fork import FORK_TAGS
 

@@ -2,44 +2,22 @@
 with every bad input refused in one line, exit 2, before anything is created."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+from _projects import artifacts, make_project, rlab
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 QUAD = "run_builders:quadratic"
 PPO = "researchlab.examples.demo:ppo_experiment"
 ENV_KEYS = {"python", "platform", "jax_backend", "jax_devices", "versions"}
 PACKAGES = {"researchlab", "jax", "jaxlib", "equinox", "optax", "gymnax", "mlflow", "numpy"}
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", MPLBACKEND="Agg")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
 
 
-def rlab(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    "`rlab ARGS` in a fresh interpreter in `cwd`."
-    return subprocess.run([sys.executable, "-m", "researchlab.cli", *args], cwd=cwd, env=_env(), text=True,
-                          capture_output=True, timeout=timeout)
 
 
-def make_project(path: Path) -> Path:
-    "A git repository with one commit and an uncommitted change."
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    (path / ".gitignore").write_text("mlflow.db\nruns/\nmlflow-spool/\n")
-    (path / "train.py").write_text("print('hello')\n")
-    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], cwd=path, check=True)
-    (path / "train.py").write_text("print('hello, changed')\n")
-    return path
 
 
 @pytest.fixture
@@ -47,11 +25,6 @@ def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "project")
 
 
-def artifacts(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[str]:
-    out = []
-    for f in client.list_artifacts(run_id, path):
-        out.extend(artifacts(client, run_id, f.path) if f.is_dir else [f.path])
-    return out
 
 
 def read_artifact(client: mlflow.MlflowClient, run_id: str, path: str, tmp: Path) -> str:

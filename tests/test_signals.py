@@ -16,7 +16,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from test_demo import _env, _runs, project  # noqa: F401  (project is a fixture)
+from _projects import rlab_env as _env
+from test_demo import _runs, project  # noqa: F401  (project is a fixture)
 
 from researchlab.examples.demo import RunLock, RunLocked
 
