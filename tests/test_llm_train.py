@@ -7,6 +7,7 @@ checkpoint only the adapters; the iteration metrics (stop reasons, tool-call suc
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -520,3 +521,27 @@ def test_micro_batched_training_iteration_matches_the_whole_batch(model, rendere
     m_whole, m_micro = untimed(m_whole), untimed(m_micro)
     assert m_micro.keys() == m_whole.keys() and m_whole["kl"] > 0
     np.testing.assert_allclose([m_micro[k] for k in m_whole], list(m_whole.values()), rtol=1e-5, atol=1e-7)
+
+
+def test_sample_time_excludes_the_unfinished_update(model, renderer, cfg) -> None:
+    "The Loop dispatches the update asynchronously: `time/sample_s` must not hold the wait for it (it once did)."
+    state, frozen = init_train_state(model, cfg)
+    provider = RolloutProvider(frozen, renderer, PROBLEMS, digit_reward, cfg)
+    provider.get_batch(state)  # compiles the sampler
+
+    @jax.jit
+    def slow(state):  # the state unchanged, after a second or more of matmuls (an update still running)
+        busy = jax.lax.fori_loop(0, 300, lambda i, m: jnp.tanh(m @ m), jnp.full((512, 512), 0.01, jnp.float32))
+        return jax.tree.map(lambda x: x + (0 * busy[0, 0]).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                            else x, state)
+
+    jax.block_until_ready(slow(state))  # compiled
+    t0 = time.perf_counter()
+    jax.block_until_ready(slow(state))
+    busy_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batch = provider.get_batch(slow(state))  # returns at once: the State is still being computed
+    total_s = time.perf_counter() - t0
+    sample_s = float(batch.stats["time/sample_s"])
+    assert busy_s > 0.3, busy_s  # the wait is long enough to tell apart
+    assert sample_s < total_s - 0.5 * busy_s, (sample_s, total_s, busy_s)

@@ -35,7 +35,7 @@ def run(path: Path) -> None:
     env = {"JAX_PLATFORMS": "cpu", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
     os.environ.update(env)
     with tempfile.TemporaryDirectory(prefix="rlab-tutorial-") as work:
-        NotebookClient(runnable, timeout=1800, kernel_name="python3",
+        NotebookClient(runnable, timeout=7200, kernel_name="python3",  # grpo_smollm2: one cell trains ~25 min
                        resources={"metadata": {"path": work}}).execute()
     it = iter(runnable.cells)
     nb.cells = [c if i in skipped else next(it) for i, c in enumerate(nb.cells)]

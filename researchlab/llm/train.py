@@ -607,6 +607,7 @@ class RolloutProvider(DataProvider):
                  state: TrainState,  # the run so far (its weights, iteration and key)
                  ) -> IterationBatch:
         "Sample, score and pad the iteration's rollouts; `stats` holds their metrics."
+        jax.block_until_ready(state)  # the last update may still run (async dispatch): `time/sample_s` excludes it
         t0 = time.perf_counter()
         groups = self.rollouts(state)
         t1 = time.perf_counter()
