@@ -8,9 +8,10 @@ reason, and the ratios fall back to the PureJaxRL-style re-implementation below 
 
 Rows (each a ratio against PureJaxRL measured in the same run, with its range over `--repeats` runs):
 - steady throughput (compiled programs, interleaved rounds): the Loop at 1 update per call, at
-  `steps_per_call=61` (what `rlab demo` runs), at `--steps-per-call`, and `ppo_step` scanned in one jit;
-  rejax's PPO. Targets: Loop K=61 >= 1.2x PureJaxRL and >= 1.0x rejax.
-- whole run including compilation, each in a fresh process with no compile cache: the Loop K=61 against
+  `steps_per_call` of `rlab demo` (K=50: the largest divisor of its save_every=100 up to 64), at
+  `--steps-per-call`, and `ppo_step` scanned in one jit; rejax's PPO. Targets: the demo's Loop >= 1.2x PureJaxRL
+  and >= 1.0x rejax.
+- whole run including compilation, each in a fresh process with no compile cache: the demo's Loop against
   `jax.jit(make_train(config))(key)`. Target <= 1.0x PureJaxRL's time.
 - one update per call: the Loop at `steps_per_call=1` against a bare Python loop calling `jax.jit(ppo_step)`,
   paired rounds of 100 updates; the difference per update (wall, and the main thread's CPU time, which load does
@@ -54,6 +55,7 @@ from flax.training.train_state import TrainState
 
 from researchlab.design.infra import NoBatch
 from researchlab.design.loop import Loop
+from researchlab.design.population import stack_states
 from researchlab.examples.cartpole_render import CartPoleVisualizer
 from researchlab.examples.ppo import PPOConfig, init_ppo, ppo_step, rollout_episode
 
@@ -287,6 +289,14 @@ def prepare_rejax(cfg: PPOConfig) -> tuple[float, Runner]:
     return compile_s, run
 
 
+def demo_steps_per_call(cfg: PPOConfig) -> int:
+    "The `steps_per_call` of the Loop `rlab demo` trains with (its default options)."
+    from researchlab.examples.demo import DemoCLIConfig, ppo_experiment
+
+    with tempfile.TemporaryDirectory() as d:
+        return ppo_experiment(DemoCLIConfig()).make_loop(init_ppo(cfg), checkpoint_dir=d).steps_per_call
+
+
 def prepare_ours(cfg: PPOConfig, steps_per_call: int = 1) -> tuple[float, Runner]:
     """(compile s, runner) for `ppo_step` driven by the `Loop` (metrics logged every 10 updates), as `rlab demo`
     runs it. Each run builds a new Loop, which finds the program the first one compiled (equal Config, kernel and
@@ -344,7 +354,7 @@ def ratio_range(ours: list[float], base: list[float]) -> tuple[float, float, flo
 
 
 # ---- fresh processes: whole run including compilation, and the persistent compile cache ----------------
-def whole_run(what: str, cfg: PPOConfig) -> dict[str, float]:
+def whole_run(what: str, cfg: PPOConfig, k: int) -> dict[str, float]:
     "In this (fresh) process: seconds to the first update and to the end of a whole run, compilation included."
     t0 = time.perf_counter()
     if what == "purejaxrl":
@@ -356,21 +366,22 @@ def whole_run(what: str, cfg: PPOConfig) -> dict[str, float]:
         total = time.perf_counter() - t0
         return {"first": total, "total": total}  # one program: its first update comes with the whole run
     s0 = jax.block_until_ready(init_ppo(cfg))
-    init = time.perf_counter() - t0  # eager: each of init_ppo's operations compiles a small program of its own
-    loop = Loop(cfg, s0, ppo_step, NoBatch(), log_every=10, progress=False, steps_per_call=61)
-    loop.run(61)
+    init = time.perf_counter() - t0  # init_ppo is one jitted program: its compile is most of this
+    loop = Loop(cfg, s0, ppo_step, NoBatch(), log_every=10, progress=False, steps_per_call=k)
+    loop.run(k)
     jax.block_until_ready(loop.state)
     first = time.perf_counter() - t0
-    loop.run(cfg.num_updates - 61)
+    loop.run(cfg.num_updates - k)
     jax.block_until_ready(loop.state)
     return {"init": init, "first": first, "total": time.perf_counter() - t0}
 
 
 def fresh_process(what: str, cache: str | None) -> dict[str, float]:
-    "Run `whole_run(what)` in a new interpreter, with a compile cache folder or none."
+    "Run `whole_run(what)` in a new interpreter, with a compile cache folder or none; the Loop at rlab demo's K."
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     env["RLAB_COMPILE_CACHE"] = cache or "off"
-    out = subprocess.run([sys.executable, __file__, "--whole", what], cwd=ROOT, env=env, capture_output=True,
+    argv = [sys.executable, __file__, "--whole", what, "--whole-k", str(demo_steps_per_call(PPOConfig()))]
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=900)
     if out.returncode:
         raise RuntimeError(f"fresh process {what} failed:\n{out.stderr[-3000:]}")
@@ -444,7 +455,7 @@ def bench_scaling(repeats: int, envs: tuple[int, ...] = (4, 64, 256)) -> list[tu
     for n in envs:
         cfg = PPOConfig(num_envs=n)
         _, brun, _ = prepare_baseline(cfg)
-        k = min(61, cfg.num_updates)
+        k = min(demo_steps_per_call(cfg), cfg.num_updates)
         _, orun = prepare_ours(cfg, steps_per_call=k)
         times = interleaved({"base": brun, "ours": orun}, repeats)
         rows.append((n, *ratio_range([t for t, _ in times["ours"]], [t for t, _ in times["base"]])))
@@ -490,7 +501,9 @@ def bench_video(cfg: PPOConfig) -> tuple[float, float, float]:
 
 def bench_seeds(cfg: PPOConfig, seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[tuple[int, float, float]]:
     "Per seed: (seed, best 10-update mean return, final 10-update mean return), all seeds vmapped in one run."
-    states = jax.vmap(lambda k: init_ppo(cfg, k))(jnp.stack([jax.random.key(s) for s in seeds]))
+    # one init per seed, stacked: a vmapped init_ppo batches its orthogonal initialisers into LAPACK QR calls, which
+    # can deadlock XLA's 2-thread CPU pool (see bench_population.py)
+    states = stack_states([init_ppo(cfg, jax.random.key(s)) for s in seeds])
     step = jax.jit(jax.vmap(ppo_step, in_axes=(0, None)))
     returns = []
     for _ in range(cfg.num_updates):
@@ -517,6 +530,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--steps-per-call", type=int, default=244, help="K of the second fused row")
     ap.add_argument("--whole", choices=("purejaxrl", "loop"), help=argparse.SUPPRESS)  # a fresh-process row
+    ap.add_argument("--whole-k", type=int, default=1, help=argparse.SUPPRESS)  # its Loop's steps_per_call
     args = ap.parse_args(argv)
     cfg = PPOConfig()
     if args.whole:
@@ -524,7 +538,7 @@ def main(argv: list[str]) -> int:
             from researchlab.design.compile_cache import enable_compile_cache
 
             enable_compile_cache(min_compile_time_s=0)
-        print(json.dumps(whole_run(args.whole, cfg)))
+        print(json.dumps(whole_run(args.whole, cfg, args.whole_k)))
         return 0
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     if unknown := only - set(SECTIONS):
@@ -547,9 +561,9 @@ def main(argv: list[str]) -> int:
             rows.append(("rejax PPO (one jit)", rc, "rejax"))
         except ImportError as e:
             print(f"rejax: not measured ({e}); `make bench` installs it into .venv-bench")
-        K = args.steps_per_call
+        K, kd = args.steps_per_call, demo_steps_per_call(cfg)
         for label, key, k in (("Loop + ppo_step, 1 update/call", "ours", 1),
-                              ("Loop steps_per_call=61 (rlab demo)", "fused", 61),
+                              (f"Loop steps_per_call={kd} (rlab demo)", "fused", kd),
                               (f"Loop steps_per_call={K}", "fused_big", K)):
             c, run = prepare_ours(cfg, steps_per_call=k)
             runs[key] = run
@@ -575,7 +589,7 @@ def main(argv: list[str]) -> int:
             vs_rejax = f"{rj[0]:.3f}x rejax ({rj[1]:.2f}-{rj[2]:.2f}; kernel alone {kr[0]:.3f}x rejax)"
         else:
             rj, vs_rejax = None, "rejax not measured"
-        print(f"steady throughput, Loop K=61 (rlab demo): {ratio['fused'][0]:.3f}x PureJaxRL, {vs_rejax} "
+        print(f"steady throughput, Loop K={kd} (rlab demo): {ratio['fused'][0]:.3f}x PureJaxRL, {vs_rejax} "
               f"({target}); kernel alone in one jit {ratio['kernel'][0]:.3f}x PureJaxRL")
         if ratio["fused"][0] < 1.2 or (rj is not None and rj[0] < 1.0):
             failures.append("throughput")
@@ -600,9 +614,9 @@ def main(argv: list[str]) -> int:
         r = [o / b for o, b in zip(lt, pt)]
         init = [w["init"] for w in whole["loop"]]
         rest = [o - i for o, i in zip(lt, init)]
-        print(f"whole run incl. compile, fresh process, no cache: Loop K=61 {min(lt):.2f} s ({_rng(lt)}), PureJaxRL "
+        print(f"whole run incl. compile, fresh process, no cache: Loop K={demo_steps_per_call(cfg)} {min(lt):.2f} s ({_rng(lt)}), PureJaxRL "
               f"{min(pt):.2f} s ({_rng(pt)}): {min(lt) / min(pt):.3f}x PureJaxRL's time ({min(r):.2f}-{max(r):.2f}) "
-              f"(target <= 1.0x); of the Loop's time, init_ppo (eager) {min(init):.2f} s ({_rng(init)}), Loop from "
+              f"(target <= 1.0x); of the Loop's time, init_ppo (one jit) {min(init):.2f} s ({_rng(init)}), Loop from "
               f"the State on {min(rest) / min(pt):.3f}x PureJaxRL's time "
               f"({_rng([x / b for x, b in zip(rest, pt)])})")
         if min(lt) / min(pt) > 1.0:
@@ -644,7 +658,7 @@ def main(argv: list[str]) -> int:
 
     if "scaling" in only:
         for n, b, lo, hi in bench_scaling(R):
-            print(f"scaling, {n:>3} envs: Loop K=min(61, updates) {b:.3f}x PureJaxRL's throughput ({lo:.2f}-{hi:.2f})")
+            print(f"scaling, {n:>3} envs: Loop K=min(rlab demo's, updates) {b:.3f}x PureJaxRL's throughput ({lo:.2f}-{hi:.2f})")
 
     if "video" in only:
         vids = [bench_video(cfg) for _ in range(R)]

@@ -447,6 +447,20 @@ def test_precompile_in_background_then_run_waits() -> None:
     assert ahead._spec.traces == 1 and ahead.step_count == 7
 
 
+def test_precompile_serves_another_loop_made_alike(tmp_path: Path) -> None:
+    "What `rlab run` relies on: a Loop made alike (other telemetry and checkpoint folder) runs the program that "
+    "another Loop's precompile(background=True) compiled, and trains as a Loop that compiled its own."
+    ahead = new_loop(steps_per_call=4, config=Cfg(noise=0.058), checkpoint_dir=tmp_path / "a")
+    ahead.precompile(background=True).result()
+    run = new_loop(steps_per_call=4, config=Cfg(noise=0.058), checkpoint_dir=tmp_path / "b",
+                   telemetry=ListTelemetry())
+    compiled = _count_compiles(lambda: run.run(10))
+    assert "_fused_call" not in compiled, compiled
+    assert (ahead._spec.traces, run._spec.traces) == (1, 0)
+    ref = new_loop(config=Cfg(noise=0.058))  # one step per call: a program of its own
+    ref.run(10)
+    assert_same(run.state, ref.state)
+    assert [step for step, _ in run.telemetry.points] == [10]  # log_every=10
 def test_precompile_errors() -> None:
     host = new_loop(provider=HostProvider(make_data()), config=Cfg(noise=0.057))
     with pytest.raises(ValueError, match=r"HostProvider.jittable is False.*precompile\(batch="):

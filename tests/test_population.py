@@ -181,3 +181,13 @@ def test_a_nested_field_varies_per_member() -> None:
     assert [r["w"] for r in pop.member_history(1)] == [0.0, -0.5]
     with pytest.raises(ValueError, match=r"differ in 'optim.betas'.*not an int or float field"):
         PopulationLoop([Cfg(), Cfg(optim=Optim(betas=(0.8, 0.9)))], lambda c: _St(jnp.zeros(2), Clock()), step)
+
+
+def test_a_second_population_over_the_same_members_compiles_nothing() -> None:
+    "Configs given as a new list, the default provider (a new NoBatch()), new initial States: the same program."
+    first = PopulationLoop(list(CONFIGS), init_ppo, ppo_step, progress=False, log_every=1)
+    first.run(1)
+    again = PopulationLoop(list(CONFIGS), [init_ppo(c) for c in CONFIGS], ppo_step, progress=False, log_every=1)
+    again.run(1)
+    assert again._spec == first._spec and again._spec.traces == 0
+    assert _same_bits(again.state, first.state)

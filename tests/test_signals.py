@@ -182,16 +182,18 @@ def test_run_lock_is_exclusive_released_and_taken_over_from_the_dead(tmp_path: P
 
 def test_sigterm_outside_training_ends_the_run_killed(project: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
                                                       capsys: pytest.CaptureFixture):
-    "A SIGTERM before the Loop runs (here: while the environment is built) ends the MLflow run KILLED, exit 143."
+    "A SIGTERM before the Loop runs (here: while the run's files are written, the MLflow run open) ends the MLflow "
+    "run KILLED, exit 143. (The first State and the compile are made in a thread, before the run exists.)"
     from researchlab.examples import demo
+    from researchlab.tracking import run as run_module
 
-    def preempted(config: object) -> object:
+    def preempted(*args: object) -> str:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
         raise AssertionError("SIGTERM was not turned into an interrupt")
 
     monkeypatch.chdir(project)
-    monkeypatch.setattr(demo, "init_ppo", preempted)
+    monkeypatch.setattr(run_module, "_resume_command", preempted)
     before = signal.getsignal(signal.SIGTERM)
     assert demo.demo_main(["total_steps=2048", "video=false"]) == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM)" in capsys.readouterr().err

@@ -198,12 +198,12 @@ def _static_key(x: object) -> object:
 
 
 def _provider_key(p: object) -> object:
-    "A key equal for providers that behave alike: the tree of a PyTree provider's non-array part, or a plain "
-    "object's class and attributes, else its identity."
+    "A key equal for providers that behave alike: the tree of a PyTree provider's non-array part with its leaves "
+    "keyed alike (a provider wrapping a `NoBatch()`), or a plain object's class and attributes, else its identity."
     leaves, treedef = jax.tree_util.tree_flatten(p)
     try:
         if not (len(leaves) == 1 and leaves[0] is p):  # a PyTree (its arrays already taken out by eqx.partition)
-            key = (treedef, *(_static_key(x) for x in leaves))
+            key = (treedef, *(_provider_key(x) for x in leaves))
         elif type(p).__eq__ is object.__eq__ and hasattr(p, "__dict__"):  # a plain object, e.g. NoBatch()
             key = (type(p), tuple(sorted(vars(p).items())))
         else:

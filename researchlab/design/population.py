@@ -272,7 +272,7 @@ class PopulationLoop(Loop):
         self.member_provider = NoBatch() if data_provider is None else data_provider
         provider = PopulationProvider(self.member_provider, config.size, vectorize)
         _check_varying(step_fn, config, state, provider, self.member_layout, member_clock, vectorize)
-        kernel = population_kernel(step_fn, config, self.member_layout, member_clock, vectorize)
+        kernel = _shared_kernel(step_fn, config, self.member_layout, member_clock, vectorize)
         super().__init__(config, state, kernel, provider, telemetry, persister, visualizer, clock=clock, **loop_kwargs)
 
 # %% ../../nbs/09b_population.ipynb #96822431
@@ -343,6 +343,26 @@ def _fails(trace: Callable[[Sequence[str]], None], keys: Sequence[str]) -> bool:
     except Exception as e:
         return _is_jax_value_error(e)
     return False
+
+# %% ../../nbs/09b_population.ipynb #c6a1e0d3
+_KERNELS: dict[tuple, Callable] = {}  # (step_fn, config, layout, clock, vectorize) -> kernel, oldest first
+_KERNELS_KEPT = 8  # populations whose kernels are kept
+
+
+def _shared_kernel(step_fn: Callable, config: PopulationConfig, layout: object, clock: ClockAccessor,
+                   vectorize: bool) -> Callable:
+    "`population_kernel(...)`, the same function for equal arguments, so that equal populations share a program."
+    key = (step_fn, config, layout, clock, vectorize)
+    try:
+        kernel = _KERNELS.pop(key, None)
+    except Exception:  # an argument that cannot be hashed or compared: a kernel of its own
+        return population_kernel(step_fn, config, layout, clock, vectorize)
+    if kernel is None:
+        kernel = population_kernel(step_fn, config, layout, clock, vectorize)
+    _KERNELS[key] = kernel  # the newest last
+    while len(_KERNELS) > _KERNELS_KEPT:
+        del _KERNELS[next(iter(_KERNELS))]
+    return kernel
 
 # %% ../../nbs/09b_population.ipynb #a8ec9694
 @patch(as_prop=True)

@@ -21,6 +21,7 @@ import time
 import typing
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -789,6 +790,8 @@ def execute_plan(plan: RunPlan,  # from `plan_run`
 def _train(plan: RunPlan, progress: bool, held: ExitStack, result: dict[str, object]) -> None:
     "The tracked part of `execute_plan`: results go into `result`; raises `_Interrupted` to end the run KILLED."
     opts, exp, prog, resume = plan.options, plan.experiment, plan.options.prog, plan.options.resume
+    check_reachable(plan.tracking_uri, where="ExperimentTracker")  # an unreachable server fails before the compile starts
+    ahead = _compile_ahead(plan)  # init and compile while the store, the run and the git state are made
     env = environment_info()
     tags = _run_tags(plan, env) if not resume else {}
     with ExperimentTracker(plan.experiment_name, run_name=resume or opts.run_name, tracking_uri=plan.tracking_uri,
@@ -827,13 +830,11 @@ def _train(plan: RunPlan, progress: bool, held: ExitStack, result: dict[str, obj
         if progress:
             telemetry = MultiTelemetry(telemetry, bar)
         if plan.fork is not None:
-            state = plan.fork["state"]
             print(f"{prog}: forked from run {plan.fork['parent']} at step {plan.fork['step']} ({plan.fork['source']}); "
                   f"changed: {json.dumps(plan.fork['changes'])}", flush=True)
-        else:
-            state = exp.init_state()  # a new run's start, or the structure a checkpoint is loaded into
-            if resume and not start_over:
-                state, _, _ = CheckpointManager(ckpt, persister, create=False).restore(state, type(exp.config))
+        state = ahead.result()  # waits for the compile too: a call before it is done would compile a second time
+        if plan.fork is None and resume and not start_over:  # `state` is the structure the checkpoint is loaded into
+            state, _, _ = CheckpointManager(ckpt, persister, create=False).restore(state, type(exp.config))
         loop = exp.make_loop(state, telemetry=telemetry, persister=persister, checkpoint_dir=ckpt, progress=False,
                              log_config=False)
         try:
@@ -854,6 +855,30 @@ def _train(plan: RunPlan, progress: bool, held: ExitStack, result: dict[str, obj
         if exp.finish is not None:
             result.update(exp.finish(loop, run_dir, client, tracker.run_id))
         client.delete_tag(tracker.run_id, "rlab.resume_command")  # finished: `--resume` now only says so
+
+
+def _compile_ahead(plan: RunPlan) -> Future:
+    """Start, in a background thread, what the run's `Loop` needs before its first call: the first State (a fork's
+    restored one, else `init_state()`: a new run's start, or the structure a checkpoint is loaded into) and the
+    program it calls, compiled by a Loop made only for that (no telemetry, a temporary checkpoint folder). The
+    Future gives the State once both are done; the run's own Loop, made alike, finds the program. A Loop that
+    cannot be made compiles nothing here: the run's own Loop then raises what is wrong, where the run reports it."""
+    def ahead() -> object:
+        state = plan.fork["state"] if plan.fork is not None else plan.experiment.init_state()
+        try:
+            with tempfile.TemporaryDirectory(prefix="rlab-compile-") as tmp:
+                loop = plan.experiment.make_loop(state, checkpoint_dir=Path(tmp) / "checkpoints", progress=False,
+                                                 log_config=False)
+            loop.precompile()
+        except Exception:
+            pass
+        return state
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlab-compile-ahead")
+    future = pool.submit(ahead)
+    pool.shutdown(wait=False)  # the thread ends when its work does
+    return future
+
 
 # %% ../../nbs/14_tracking_run.ipynb #23f43245
 def run_target(target: str,  # `package.module:function`, the builder
