@@ -28,8 +28,17 @@ with `--xla_cpu_enable_concurrency_optimized_scheduler=false` 0 of 4 and 0 of 2.
 XLA_FLAGS here, before JAX starts, so every row runs under it (`--xla-default-scheduler` leaves XLA's default
 and skips the PureJaxRL row).
 
-Measured on 2026-12-02 (2-core CPU shared with other jobs; load averages printed with each round): see the
-report printed by a run; the figures of that day's runs are in the commit message that added this line.
+Measured on 2026-12-02, 2-core CPU shared with other jobs, defaults (16 seeds x 131,072 steps, K=16), two runs of
+3 rounds each (best, low-high over the rounds):
+- load 1.2-1.5: population 169,482 env steps/s steady (140,197-169,482); 16 sequential Loops 152,544; PureJaxRL
+  vmap(train) 162,949; kernel without the Loop 171,369. population / sequential 1.11x (1.04-1.11), 3.44x wall
+  (54.5 s of 16 compiles); population / PureJaxRL 1.04x (0.99-1.04), 1.05x wall; population / kernel 0.99x.
+  Sequential runs: 0.37 ms of main-thread CPU per call of 16 updates, 0.65 % of their wall time; 3.36 ms per
+  update alone, 3.02 ms per member-update in the population.
+- load 4.2-5.6: population 141,968 (115,777-141,968); sequential 128,749; PureJaxRL 119,742; kernel 132,465.
+  population / sequential 1.10x (1.10-1.37), 3.70x wall; population / PureJaxRL 1.19x (1.19-1.46), 1.36x wall.
+The 8x goal is missed on this CPU: batching removes a per-call cost under 1 % of a run's time, and a member's
+update costs about as much inside the population as alone.
 
     python bench/bench_population.py [--seeds 16] [--total-steps 131072] [--steps-per-call 16] [--repeats 3]
                                      [--skip-sequential] [--xla-default-scheduler]
