@@ -316,7 +316,7 @@ def test_sigterm_stops_the_rerun_and_removes_the_worktree(sqlite_uri: str, toy_r
     assert worktrees(toy_repo) == 1
     client = MlflowClient(sqlite_uri)
     [again] = client.search_runs([t.experiment_id], f"tags.`rlab.reproduces` = '{t.run_name}'")
-    assert again.info.status == "KILLED"
+    assert again.info.status == "KILLED", "".join(seen) + out + err
 
 
 # ---- end to end: a PPO run made by `rlab run` from a dirty clone of this project ----------------------------------

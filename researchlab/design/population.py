@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic
 
@@ -27,7 +28,8 @@ from .utils import flatten_config
 
 # %% auto #0
 __all__ = ['PopulationConfig', 'with_fields', 'PopulationState', 'stack_states', 'member_state', 'member_key', 'split_member_key',
-           'population_kernel', 'PopulationProvider', 'PopulationLoop', 'PopulationTelemetry', 'mlflow_population']
+           'PopulationKernel', 'population_kernel', 'PopulationProvider', 'PopulationLoop', 'PopulationTelemetry',
+           'mlflow_population']
 
 # %% ../../nbs/09b_population.ipynb #f6a5ceab
 def _numeric(value: object) -> bool:
@@ -165,50 +167,63 @@ def _is_jax_value_error(e: BaseException) -> bool:
     return isinstance(e, tracer_errors) or (isinstance(e, TypeError) and "Trace" in str(e))
 
 
-def population_kernel(step_fn: Callable,  # the members' kernel `(state, config, batch) -> (state, metrics)`
-                      config: PopulationConfig,  # the members' Configs
-                      member_layout: object,  # `split_state(member State)[1]`: the layout of one member's State
-                      clock: ClockAccessor = "clock",  # how to find a member State's Clock
-                      vectorize: bool = True,  # `jax.vmap` over the members; False: `jax.lax.map`, one after another
-                      traced: Sequence[str] | None = None,  # varying fields given as arrays (default: all of them)
-                      ) -> Callable[[PopulationState, PopulationConfig, object], tuple[PopulationState, dict]]:
-    """The kernel of a whole population: every member steps with its own Config, in one compiled call.
+@dataclass(frozen=True)
+class PopulationKernel:
+    """The kernel of a whole population, `(PopulationState, PopulationConfig, batch) -> (PopulationState, metrics)`.
 
-    The fields in `config.varying` reach `step_fn` as arrays (one value per member, a scalar inside `vmap`);
-    every other field keeps its Python value, exactly as in a run of one member. Each member's Clock step is
-    set to its previous step + 1, as the `Loop` does. Returns `(new PopulationState, metrics)` with metrics
-    `name` (the mean over the members) and `name/i` (member `i`) for each metric the members return."""
-    get_clock = clock_getter(clock)
-    base, n = config.members[0], config.size
-    names = tuple(config.varying if traced is None else traced)
-    values = {k: np.asarray(config.values(k)) for k in names}
-    arrays_at = [spec[1] is not None for spec in member_layout.specs]
+    A frozen dataclass, compared and hashed by its fields: two populations over equal members get equal kernels,
+    so the `Loop` gives them one compiled program (a second `PopulationLoop`, a resume, the cell run again)."""
+    step_fn: Callable  # the members' kernel `(state, config, batch) -> (state, metrics)`
+    config: PopulationConfig  # the members' Configs
+    member_layout: object  # `split_state(member State)[1]`: the layout of one member's State
+    clock: ClockAccessor = "clock"  # how to find a member State's Clock
+    vectorize: bool = True  # `jax.vmap` over the members; False: `jax.lax.map`, one after another
+    traced: tuple[str, ...] = ()  # the varying fields given to `step_fn` as arrays
 
-    def one(arrays: list[jax.Array], vals: dict[str, jax.Array], batch: object) -> tuple[list, dict]:
-        state = member_layout.state(arrays)
-        new, metrics = check_output(step_fn(state, with_fields(base, vals), batch), member_layout)
+    def __call__(self, state: PopulationState, _: PopulationConfig, batch: object) -> tuple[PopulationState, dict]:
+        arrays_at = [spec[1] is not None for spec in self.member_layout.specs]
+        arrays = [x for x, a in zip(jax.tree_util.tree_leaves(state.members), arrays_at) if a]
+        vals = {k: jnp.asarray(np.asarray(self.config.values(k))) for k in self.traced}
+        if self.vectorize:
+            new_arrays, metrics_N = jax.vmap(self._member)(arrays, vals, batch)
+        else:
+            new_arrays, metrics_N = jax.lax.map(lambda a: self._member(*a), (arrays, vals, batch))
+        metrics = {}
+        for name, v in metrics_N.items():
+            metrics[name] = jnp.mean(v.astype(jnp.float32))
+            metrics.update({member_key(name, i): v[i] for i in range(self.config.size)})
+        return PopulationState(self.member_layout.state(new_arrays), state.clock.tick()), metrics
+
+    def _member(self, arrays: list[jax.Array], vals: dict[str, jax.Array], batch: object) -> tuple[list, dict]:
+        "One member's step: its State from its arrays, its Config with the traced fields set, its Clock advanced."
+        get_clock, layout = clock_getter(self.clock), self.member_layout
+        state = layout.state(arrays)
+        new, metrics = check_output(self.step_fn(state, with_fields(self.config.members[0], vals), batch), layout)
         new = eqx.tree_at(lambda s: get_clock(s).step, new, get_clock(state).step + jnp.asarray(1, jnp.int32))
         for name in metrics:
             if split_member_key(name)[1] is not None:
                 raise ValueError(f"PopulationLoop: the member kernel returns a metric {name!r}, whose '/<int>' "
                                  f"ending is how the population names member metrics ('loss/3': member 3); "
                                  f"rename it (e.g. {name.replace('/', '_')!r})")
+        arrays_at = [spec[1] is not None for spec in layout.specs]
         return [x for x, a in zip(jax.tree_util.tree_leaves(new), arrays_at) if a], metrics
 
-    def kernel(state: PopulationState, _: PopulationConfig, batch: object) -> tuple[PopulationState, dict]:
-        arrays = [x for x, a in zip(jax.tree_util.tree_leaves(state.members), arrays_at) if a]
-        vals = {k: jnp.asarray(v) for k, v in values.items()}
-        if vectorize:
-            new_arrays, metrics_N = jax.vmap(one)(arrays, vals, batch)
-        else:
-            new_arrays, metrics_N = jax.lax.map(lambda a: one(*a), (arrays, vals, batch))
-        metrics = {}
-        for name, v in metrics_N.items():
-            metrics[name] = jnp.mean(v.astype(jnp.float32))
-            metrics.update({member_key(name, i): v[i] for i in range(n)})
-        return PopulationState(member_layout.state(new_arrays), state.clock.tick()), metrics
 
-    return kernel
+def population_kernel(step_fn: Callable,  # the members' kernel `(state, config, batch) -> (state, metrics)`
+                      config: PopulationConfig,  # the members' Configs
+                      member_layout: object,  # `split_state(member State)[1]`: the layout of one member's State
+                      clock: ClockAccessor = "clock",  # how to find a member State's Clock
+                      vectorize: bool = True,  # `jax.vmap` over the members; False: `jax.lax.map`, one after another
+                      traced: Sequence[str] | None = None,  # varying fields given as arrays (default: all of them)
+                      ) -> PopulationKernel:  # equal for equal arguments, so equal populations share a program
+    """The kernel of a whole population: every member steps with its own Config, in one compiled call.
+
+    The fields in `config.varying` reach `step_fn` as arrays (one value per member, a scalar inside `vmap`);
+    every other field keeps its Python value, exactly as in a run of one member. Each member's Clock step is
+    set to its previous step + 1, as the `Loop` does. Returns `(new PopulationState, metrics)` with metrics
+    `name` (the mean over the members) and `name/i` (member `i`) for each metric the members return."""
+    names = tuple(config.varying if traced is None else traced)
+    return PopulationKernel(step_fn, config, member_layout, clock, vectorize, names)
 
 # %% ../../nbs/09b_population.ipynb #7d0902bf
 @jax.tree_util.register_pytree_node_class
@@ -272,7 +287,7 @@ class PopulationLoop(Loop):
         self.member_provider = NoBatch() if data_provider is None else data_provider
         provider = PopulationProvider(self.member_provider, config.size, vectorize)
         _check_varying(step_fn, config, state, provider, self.member_layout, member_clock, vectorize)
-        kernel = _shared_kernel(step_fn, config, self.member_layout, member_clock, vectorize)
+        kernel = population_kernel(step_fn, config, self.member_layout, member_clock, vectorize)
         super().__init__(config, state, kernel, provider, telemetry, persister, visualizer, clock=clock, **loop_kwargs)
 
 # %% ../../nbs/09b_population.ipynb #96822431
@@ -343,26 +358,6 @@ def _fails(trace: Callable[[Sequence[str]], None], keys: Sequence[str]) -> bool:
     except Exception as e:
         return _is_jax_value_error(e)
     return False
-
-# %% ../../nbs/09b_population.ipynb #c6a1e0d3
-_KERNELS: dict[tuple, Callable] = {}  # (step_fn, config, layout, clock, vectorize) -> kernel, oldest first
-_KERNELS_KEPT = 8  # populations whose kernels are kept
-
-
-def _shared_kernel(step_fn: Callable, config: PopulationConfig, layout: object, clock: ClockAccessor,
-                   vectorize: bool) -> Callable:
-    "`population_kernel(...)`, the same function for equal arguments, so that equal populations share a program."
-    key = (step_fn, config, layout, clock, vectorize)
-    try:
-        kernel = _KERNELS.pop(key, None)
-    except Exception:  # an argument that cannot be hashed or compared: a kernel of its own
-        return population_kernel(step_fn, config, layout, clock, vectorize)
-    if kernel is None:
-        kernel = population_kernel(step_fn, config, layout, clock, vectorize)
-    _KERNELS[key] = kernel  # the newest last
-    while len(_KERNELS) > _KERNELS_KEPT:
-        del _KERNELS[next(iter(_KERNELS))]
-    return kernel
 
 # %% ../../nbs/09b_population.ipynb #a8ec9694
 @patch(as_prop=True)

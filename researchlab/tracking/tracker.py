@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -241,8 +242,9 @@ def _relog_executed_cells(client: MlflowClient, run_id: str, logged: int | None,
         warnings.warn(f"ExperimentTracker: could not log the executed cells again: {e}", stacklevel=4)
 
 # %% ../../nbs/11_tracking_tracker.ipynb #d934185d
-def _end_run(run_id: str, status: str, client: MlflowClient, label: str) -> None:
-    "End run `run_id` with `status`; never leaves it active in this thread."
+def _end_run(run_id: str, status: str, client: MlflowClient, label: str,
+             retry_after: Sequence[float] = (0.5, 2.0, 5.0)) -> None:
+    "End run `run_id` with `status`; never leaves it active in this thread. A failed write is retried before it warns."
     try:
         for _ in range(100):  # nested runs the body started and left open
             current = mlflow.active_run()
@@ -251,12 +253,21 @@ def _end_run(run_id: str, status: str, client: MlflowClient, label: str) -> None
             mlflow.end_run(status)
         current = mlflow.active_run()
         if current is not None and current.info.run_id == run_id:
-            mlflow.end_run(status)
+            mlflow.end_run(status)  # pops it from this thread's runs before it writes the status
         else:
             client.set_terminated(run_id, status)
+        return
     except Exception as e:
-        warnings.warn(f"ExperimentTracker: could not mark run {label} {status}: {e}; "
-                      "the tracking store may show it as RUNNING", stacklevel=3)
+        error = e
+    for wait in retry_after:  # e.g. a store busy under load: the run must not stay RUNNING
+        time.sleep(wait)
+        try:
+            client.set_terminated(run_id, status)
+            return
+        except Exception as e:
+            error = e
+    warnings.warn(f"ExperimentTracker: could not mark run {label} {status}: {error}; "
+                  "the tracking store may show it as RUNNING", stacklevel=3)
 
 # %% ../../nbs/11_tracking_tracker.ipynb #cdbca6b4
 def _settle_run_id(client: MlflowClient, run_id: str, rlab_id: str, attempts: int = 5) -> str:
