@@ -394,3 +394,39 @@ def test_generated_id_taken_meanwhile_by_another_process(sqlite_uri: str, repo: 
     run = client.get_run(tracker.run_id)
     assert run.data.tags["rlab.run_id"] == run.info.run_name == drawn[1]
     assert find_run_by_rlab_id(drawn[0], client).info.experiment_id == rival_exp
+
+
+# ---- an interrupt inside an MLflow call ------------------------------------------------------------------------
+@pytest.mark.parametrize("statement", ["SELECT", "UPDATE", "INSERT"])
+def test_an_interrupt_inside_a_store_call_still_ends_the_run_killed(tmp_path: Path, statement: str) -> None:
+    "Ctrl-C or SIGTERM landing while MLflow talks to the sqlite store: what that call left open must not keep the "
+    "run RUNNING (an open read holds a lock that made ending the run fail after 20 s of waiting)."
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    armed: list[bool] = []
+
+    def interrupt(conn: object, cursor: object, sql: str, *args: object) -> None:  # a real statement has run
+        if armed and sql.lstrip().upper().startswith(statement):
+            armed.clear()
+            raise KeyboardInterrupt
+
+    event.listen(Engine, "after_cursor_execute", interrupt)
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with ExperimentTracker("interrupted", tracking_uri=uri, repo_path=tmp_path) as t:
+                armed.append(True)
+                for i in range(20):
+                    t.client.set_tag(t.run_id, f"t{i}", "v")
+                    t.client.log_metric(t.run_id, "m", float(i), step=i)
+                    t.client.get_run(t.run_id)
+        assert not armed, f"no {statement} statement ran"
+    finally:
+        event.remove(Engine, "after_cursor_execute", interrupt)
+    took = time.monotonic() - start
+    assert MlflowClient(uri).get_run(t.run_id).info.status == "KILLED"
+    assert not [w for w in seen if "could not mark" in str(w.message)], [str(w.message) for w in seen]
+    assert took < 15, f"ending the interrupted run took {took:.1f} s"

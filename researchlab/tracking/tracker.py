@@ -269,6 +269,29 @@ def _end_run(run_id: str, status: str, client: MlflowClient, label: str,
     warnings.warn(f"ExperimentTracker: could not mark run {label} {status}: {error}; "
                   "the tracking store may show it as RUNNING", stacklevel=3)
 
+
+_STORE_FRAMES = tuple(f"{os.sep}{name}{os.sep}" for name in ("mlflow", "sqlalchemy", "sqlite3"))
+
+
+def _release_interrupted_calls(error: BaseException | None) -> None:
+    "Clear the frames of the MLflow, SQLAlchemy or sqlite3 calls `error` ended (from the first such frame of each "
+    "traceback down, the signal handler's too), in `error` and the exceptions it was raised during."
+    # An interrupt that lands in a read of the sqlite store leaves its cursor open in those frames, and an open
+    # cursor holds a read lock that makes every write wait, ending the run too, for as long as the traceback lives.
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb, inside = error.__traceback__, False
+        while tb is not None:
+            inside = inside or any(part in tb.tb_frame.f_code.co_filename for part in _STORE_FRAMES)
+            if inside:
+                try:
+                    tb.tb_frame.clear()
+                except RuntimeError:  # a frame still running: not one the interrupt ended
+                    pass
+            tb = tb.tb_next
+        error = error.__context__
+
 # %% ../../nbs/11_tracking_tracker.ipynb #cdbca6b4
 def _settle_run_id(client: MlflowClient, run_id: str, rlab_id: str, attempts: int = 5) -> str:
     "Keep `rlab_id` for run `run_id` unless an earlier run holds it; then rename to a fresh id."
@@ -430,6 +453,7 @@ def __enter__(self: ExperimentTracker) -> Self:
         if self.config is not None:
             self.log_config(self.config)
     except BaseException as e:
+        _release_interrupted_calls(e)
         self._end("FAILED" if isinstance(e, Exception) else "KILLED")
         raise
     return self
@@ -445,6 +469,7 @@ def __exit__(self: ExperimentTracker,
     if exc_type is None:
         self._end("FINISHED")
     else:
+        _release_interrupted_calls(exc_val)
         self._end("FAILED" if issubclass(exc_type, Exception) else "KILLED")
     return False
 
