@@ -69,7 +69,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "researchlab.design.population": (
         "PopulationConfig", "with_fields", "PopulationState", "stack_states", "member_state", "member_key",
-        "split_member_key", "population_kernel", "PopulationProvider", "PopulationLoop", "PopulationTelemetry",
+        "split_member_key", "PopulationKernel", "population_kernel", "PopulationProvider", "PopulationLoop", "PopulationTelemetry",
         "mlflow_population",
     ),
     "researchlab.tracking.utils": (
