@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -242,9 +241,8 @@ def _relog_executed_cells(client: MlflowClient, run_id: str, logged: int | None,
         warnings.warn(f"ExperimentTracker: could not log the executed cells again: {e}", stacklevel=4)
 
 # %% ../../nbs/11_tracking_tracker.ipynb #d934185d
-def _end_run(run_id: str, status: str, client: MlflowClient, label: str,
-             retry_after: Sequence[float] = (0.5, 2.0, 5.0)) -> None:
-    "End run `run_id` with `status`; never leaves it active in this thread. A failed write is retried before it warns."
+def _end_run(run_id: str, status: str, client: MlflowClient, label: str) -> None:
+    "End run `run_id` with `status`; never leaves it active in this thread."
     try:
         for _ in range(100):  # nested runs the body started and left open
             current = mlflow.active_run()
@@ -256,18 +254,9 @@ def _end_run(run_id: str, status: str, client: MlflowClient, label: str,
             mlflow.end_run(status)  # pops it from this thread's runs before it writes the status
         else:
             client.set_terminated(run_id, status)
-        return
     except Exception as e:
-        error = e
-    for wait in retry_after:  # e.g. a store busy under load: the run must not stay RUNNING
-        time.sleep(wait)
-        try:
-            client.set_terminated(run_id, status)
-            return
-        except Exception as e:
-            error = e
-    warnings.warn(f"ExperimentTracker: could not mark run {label} {status}: {error}; "
-                  "the tracking store may show it as RUNNING", stacklevel=3)
+        warnings.warn(f"ExperimentTracker: could not mark run {label} {status}: {e}; "
+                      "the tracking store may show it as RUNNING", stacklevel=3)
 
 
 _STORE_FRAMES = tuple(f"{os.sep}{name}{os.sep}" for name in ("mlflow", "sqlalchemy", "sqlite3"))
