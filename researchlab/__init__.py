@@ -189,7 +189,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "TrainState", "split_model", "make_optimizer", "init_train_state", "split_micro_batches", "merge_micro_batches",
         "token_logprobs", "get_reference_logprobs",
         "importance_weights", "algorithm_loss", "training_step", "TrainFns", "IterationBatch", "update_iteration",
-        "make_update_fn", "jit_update_fn", "Problem", "load_problems", "env_group", "sample_groups", "rollout_stats",
+        "UpdateFn", "make_update_fn", "jit_update_fn", "Problem", "load_problems", "env_group", "sample_groups", "rollout_stats",
         "RolloutProvider", "training_iteration", "train", "quick_start_training",
     ),
     "researchlab.llm.view": (

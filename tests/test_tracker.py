@@ -430,3 +430,28 @@ def test_an_interrupt_inside_a_store_call_still_ends_the_run_killed(tmp_path: Pa
     assert MlflowClient(uri).get_run(t.run_id).info.status == "KILLED"
     assert not [w for w in seen if "could not mark" in str(w.message)], [str(w.message) for w in seen]
     assert took < 15, f"ending the interrupted run took {took:.1f} s"
+
+
+def test_a_failing_user_frame_keeps_its_locals_even_in_a_folder_named_mlflow(tmp_path: Path) -> None:
+    "Only MLflow's, SQLAlchemy's and sqlite3's own frames are cleared at the end of a failed run (they are found by "
+    "module name): the user's frames keep their locals for a post-mortem, wherever their file lives."
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    source = tmp_path / "mlflow" / "my_experiment.py"  # a user's project folder that happens to be called mlflow
+    source.parent.mkdir()
+    code = compile("def fail():\n    evidence = 42\n    raise ValueError('user error')\n", str(source), "exec")
+    user_module: dict[str, object] = {"__name__": "my_experiment"}
+    exec(code, user_module)
+    with pytest.raises(ValueError, match="user error") as info:
+        with ExperimentTracker("user-error", tracking_uri=uri, repo_path=tmp_path):
+            user_module["fail"]()  # type: ignore[operator]
+    frames = [tb.tb_frame for tb in _tracebacks(info.value.__traceback__)]
+    failed = [f for f in frames if f.f_code.co_filename == str(source)]
+    assert failed and failed[0].f_locals.get("evidence") == 42
+
+
+def _tracebacks(tb: object) -> list:
+    out = []
+    while tb is not None:
+        out.append(tb)
+        tb = tb.tb_next  # type: ignore[attr-defined]
+    return out

@@ -181,8 +181,7 @@ class PopulationKernel:
     traced: tuple[str, ...] = ()  # the varying fields given to `step_fn` as arrays
 
     def __call__(self, state: PopulationState, _: PopulationConfig, batch: object) -> tuple[PopulationState, dict]:
-        arrays_at = [spec[1] is not None for spec in self.member_layout.specs]
-        arrays = [x for x, a in zip(jax.tree_util.tree_leaves(state.members), arrays_at) if a]
+        arrays = self._arrays(state.members)
         vals = {k: jnp.asarray(np.asarray(self.config.values(k))) for k in self.traced}
         if self.vectorize:
             new_arrays, metrics_N = jax.vmap(self._member)(arrays, vals, batch)
@@ -205,8 +204,11 @@ class PopulationKernel:
                 raise ValueError(f"PopulationLoop: the member kernel returns a metric {name!r}, whose '/<int>' "
                                  f"ending is how the population names member metrics ('loss/3': member 3); "
                                  f"rename it (e.g. {name.replace('/', '_')!r})")
-        arrays_at = [spec[1] is not None for spec in layout.specs]
-        return [x for x, a in zip(jax.tree_util.tree_leaves(new), arrays_at) if a], metrics
+        return self._arrays(new), metrics
+
+    def _arrays(self, tree: object) -> list[jax.Array]:
+        "The array leaves of a tree shaped as the layout's State (a member, or all of them stacked), in layout order."
+        return [x for x, spec in zip(jax.tree_util.tree_leaves(tree), self.member_layout.specs) if spec[1] is not None]
 
 
 def population_kernel(step_fn: Callable,  # the members' kernel `(state, config, batch) -> (state, metrics)`

@@ -5,6 +5,7 @@
 # %% ../../nbs/50_llm_train.ipynb #ad45518f
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -89,7 +90,7 @@ from researchlab.rl.reference import (
 __all__ = ['ISCorrection', 'LossFn', 'PromptLoader', 'SampleFn', 'EvalFn', 'TrainConfig', 'algorithm_schedule', 'TrainState',
            'split_model', 'make_optimizer', 'init_train_state', 'split_micro_batches', 'merge_micro_batches',
            'token_logprobs', 'get_reference_logprobs', 'importance_weights', 'algorithm_loss', 'training_step',
-           'TrainFns', 'IterationBatch', 'update_iteration', 'make_update_fn', 'jit_update_fn', 'Problem',
+           'TrainFns', 'IterationBatch', 'update_iteration', 'UpdateFn', 'make_update_fn', 'jit_update_fn', 'Problem',
            'load_problems', 'env_group', 'sample_groups', 'rollout_stats', 'RolloutProvider', 'training_iteration',
            'train', 'quick_start_training']
 
@@ -442,29 +443,36 @@ def update_iteration(state: TrainState,  # the run so far
     return new_state, {**metrics, **is_stats, **batch.stats, "algorithm/index": index.astype(jnp.float32)}
 
 
-_KERNELS: dict[tuple[str, TrainFns], Callable] = {}  # one kernel (and one jitted kernel) per distinct `fns`
+@dataclasses.dataclass(frozen=True)
+class UpdateFn:
+    """The Loop's kernel `(state, config, batch) -> (state, metrics)`: `update_iteration` with `fns` bound.
+    Compared and hashed by `fns`, so the Loop gives every kernel built from equal `fns` one compiled program."""
+    fns: TrainFns  # optimizer, loss, KL, reference update
 
-
-def _kept(kind: str, fns: TrainFns, make: Callable[[], Callable]) -> Callable:
-    "The function `make()` built once for `fns` (built anew when `fns` holds an unhashable function)."
-    try:
-        if (kind, fns) not in _KERNELS:
-            _KERNELS[kind, fns] = make()
-        return _KERNELS[kind, fns]
-    except TypeError:
-        return make()
+    def __call__(self, state: TrainState, config: TrainConfig, batch: IterationBatch,
+                 ) -> tuple[TrainState, dict[str, jax.Array]]:
+        return update_iteration(state, config, batch, fns=self.fns)
 
 
 def make_update_fn(fns: TrainFns,  # optimizer, loss, KL, reference update
-                   ) -> Callable[[TrainState, TrainConfig, IterationBatch], tuple[TrainState, dict[str, jax.Array]]]:
-    "The Loop's kernel `(state, config, batch) -> (state, metrics)`: `update_iteration` with `fns` bound (one per `fns`)."
-    return _kept("kernel", fns, lambda: partial(update_iteration, fns=fns))
+                   ) -> UpdateFn:
+    "The Loop's kernel `(state, config, batch) -> (state, metrics)` for `fns`: `UpdateFn(fns)`."
+    return UpdateFn(fns)
+
+
+_update_iteration_jit = jax.jit(update_iteration, static_argnums=1, static_argnames="fns")
 
 
 def jit_update_fn(fns: TrainFns,  # optimizer, loss, KL, reference update
                   ) -> Callable[[TrainState, TrainConfig, IterationBatch], tuple[TrainState, dict[str, jax.Array]]]:
-    "`make_update_fn(fns)` under `jax.jit`, the config static (one per `fns`, so its compiled programs are kept)."
-    return _kept("jit", fns, lambda: jax.jit(make_update_fn(fns), static_argnums=1))
+    """`update_iteration` under `jax.jit` with `fns` bound, the config static. `fns` is a static argument of one
+    jitted function, so equal `fns` share its compiled programs; `fns` holding an unhashable function gets a jitted
+    function of its own (build it once and pass it as `training_iteration(..., update_fn=)`)."""
+    try:
+        hash(fns)
+    except TypeError:
+        return jax.jit(partial(update_iteration, fns=fns), static_argnums=1)
+    return partial(_update_iteration_jit, fns=fns)
 
 # %% ../../nbs/50_llm_train.ipynb #77e60017
 class Problem(NamedTuple):

@@ -259,7 +259,7 @@ def _end_run(run_id: str, status: str, client: MlflowClient, label: str) -> None
                       "the tracking store may show it as RUNNING", stacklevel=3)
 
 
-_STORE_FRAMES = tuple(f"{os.sep}{name}{os.sep}" for name in ("mlflow", "sqlalchemy", "sqlite3"))
+_STORE_PACKAGES = frozenset({"mlflow", "sqlalchemy", "sqlite3"})  # by module name: a user folder may be called mlflow
 
 
 def _release_interrupted_calls(error: BaseException | None) -> None:
@@ -272,7 +272,7 @@ def _release_interrupted_calls(error: BaseException | None) -> None:
         seen.add(id(error))
         tb, inside = error.__traceback__, False
         while tb is not None:
-            inside = inside or any(part in tb.tb_frame.f_code.co_filename for part in _STORE_FRAMES)
+            inside = inside or tb.tb_frame.f_globals.get("__name__", "").partition(".")[0] in _STORE_PACKAGES
             if inside:
                 try:
                     tb.tb_frame.clear()
