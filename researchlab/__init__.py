@@ -33,7 +33,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "MAX_KEY_LENGTH", "MAX_PARAM_VALUE_LENGTH", "MAX_TAG_VALUE_LENGTH", "MAX_ENTRIES_PER_BATCH",
         "MAX_PARAMS_PER_BATCH", "KEY_CHARS", "check_key", "check_metric", "flatten_params", "param_value", "get_or_create_experiment", "active_run_id",
         "sanitize_param_key", "SECRET_ENV_VARS", "redact", "run_link", "absolute_tracking_uri",
-        "TrackingServerUnreachable", "check_reachable", "prepare_sqlite_store",
+        "TrackingServerUnreachable", "check_reachable", "prepare_sqlite_store", "store_template_path",
     ),
     "researchlab.design.mlflow_telemetry": (
         "MLFlowTelemetry", "upload_spool", "upload_main",

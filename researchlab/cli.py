@@ -5,11 +5,12 @@
 # %% ../nbs/31_cli.ipynb #489c5827
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Sequence
 
 # %% auto #0
-__all__ = ['main']
+__all__ = ['main', 'console']
 
 # %% ../nbs/31_cli.ipynb #9fa68ed0
 _HELP = ("usage: rlab run TARGET [key=value ...] [flags]      (rlab run --help; rlab run TARGET --help for its options)\n"
@@ -83,7 +84,15 @@ def main(argv: Sequence[str] | None = None,  # the arguments after `rlab` (None:
         return 2
     return _COMMANDS[args[0]](args)
 
+
+def console() -> int:
+    "The `rlab` console script: `main()` on `sys.argv`, then the cyclic garbage collector frozen for the exit."
+    try:
+        return main()
+    finally:
+        gc.freeze()  # the process ends next: finalising JAX's, MLflow's and gymnax's modules would collect for ~1 s
+
 # %% ../nbs/31_cli.ipynb #f7de1885
 #| eval: false
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -10,13 +10,14 @@ import numbers
 import os
 import re
 import shlex
+import shutil
 import socket
 import sqlite3
 import time
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['MAX_KEY_LENGTH', 'MAX_PARAM_VALUE_LENGTH', 'MAX_TAG_VALUE_LENGTH', 'MAX_ENTRIES_PER_BATCH', 'MAX_PARAMS_PER_BATCH',
            'KEY_CHARS', 'SECRET_ENV_VARS', 'check_key', 'sanitize_param_key', 'check_metric', 'flatten_params',
-           'param_value', 'redact', 'run_link', 'TrackingServerUnreachable', 'check_reachable', 'prepare_sqlite_store',
-           'absolute_tracking_uri', 'get_or_create_experiment', 'active_run_id']
+           'param_value', 'redact', 'run_link', 'TrackingServerUnreachable', 'check_reachable', 'store_template_path',
+           'prepare_sqlite_store', 'absolute_tracking_uri', 'get_or_create_experiment', 'active_run_id']
 
 # %% ../../nbs/04_mlflow_rules.ipynb #2ce0f60c
 MAX_KEY_LENGTH = 250
@@ -228,12 +229,55 @@ def _store_state(path: Path) -> str:
     return "ok" if version or runs else "incomplete"
 
 # %% ../../nbs/04_mlflow_rules.ipynb #46aa7615
-def _create_store(uri: str) -> None:
+def _migrate_store(uri: str) -> None:
     "Create MLflow's tables and Default experiment at `uri` as MLflow itself does, then close the file."
     from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
     store = _get_sqlalchemy_store(uri, None)  # the artifact root MLflow would use for this store
     store.engine.dispose()  # no connection may stay open on the file about to be renamed
     getattr(type(store), "_engine_map", {}).pop(uri, None)
+
+
+def store_template_path() -> Path:
+    "Where the empty store of the installed MLflow is kept: `$XDG_CACHE_HOME` (else `~/.cache`)`/researchlab/mlflow/`."
+    import mlflow
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "researchlab" / "mlflow"
+    return base / f"empty-store-mlflow-{mlflow.__version__}.db"
+
+
+def _store_template() -> Path | None:
+    "The empty store of this MLflow version (its tables, no experiment), made once; None where it cannot be kept."
+    path = store_template_path()
+    if _store_state(path) == "ok":
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _folder_lock(path.parent):
+            if _store_state(path) == "ok":  # made by another process while we waited
+                return path
+            for stale in path.parent.glob(f"{path.name}.creating-*"):  # left by a creation that was killed
+                stale.unlink(missing_ok=True)
+            tmp = path.with_name(f"{path.name}.creating-{os.getpid()}")
+            try:
+                _migrate_store(f"sqlite:///{tmp}")
+                with closing(sqlite3.connect(tmp)) as db:  # MLflow adds the Default experiment to a store without one
+                    db.execute("DELETE FROM experiments")
+                    db.commit()
+                    db.execute("VACUUM")
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except (OSError, sqlite3.Error):  # a read-only or full cache folder: MLflow creates each store itself
+        return None
+    return path if _store_state(path) == "ok" else None
+
+
+def _create_store(uri: str) -> None:
+    "Create an MLflow store at `uri` (a `sqlite:///` file): a copy of the empty template, else MLflow's migrations."
+    template = _store_template()
+    if template is None:
+        _migrate_store(uri)
+    else:
+        shutil.copyfile(template, uri[len("sqlite:///"):])
 
 
 def prepare_sqlite_store(tracking_uri: str,  # the tracking URI; only `sqlite:///PATH` stores are prepared
