@@ -146,3 +146,26 @@ def test_concurrent_first_runs_share_one_store(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0]
     assert _store_state(db) == "ok"
     assert MlflowClient(f"sqlite:///{db}").search_experiments()[0].name == "Default"
+
+
+def test_a_cache_folder_that_cannot_be_written_still_gives_a_store(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    "New stores are copies of an empty one kept in the user cache; without a cache they are made by MLflow itself."
+    from researchlab.design.mlflow_rules import store_template_path
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    db = tmp_path / "mlflow.db"
+    prepare_sqlite_store(f"sqlite:///{db}")
+    assert _store_state(db) == "ok" and not store_template_path().exists()
+    assert MlflowClient(f"sqlite:///{db}").get_experiment("0").name == "Default"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # a cache that can be written: kept, then copied
+    for name in ("first.db", "second.db"):
+        prepare_sqlite_store(f"sqlite:///{tmp_path / name}")
+        client = MlflowClient(f"sqlite:///{tmp_path / name}")
+        assert client.get_experiment("0").artifact_location == str(Path.cwd() / "mlruns" / "0")
+        run = client.create_run(client.create_experiment(f"e-{name}"))
+        assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    with sqlite3.connect(store_template_path()) as con:
+        assert con.execute("SELECT COUNT(*) FROM experiments").fetchone()[0] == 0  # no run, no experiment leaked

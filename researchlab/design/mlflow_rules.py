@@ -273,11 +273,13 @@ def _store_template() -> Path | None:
 
 def _create_store(uri: str) -> None:
     "Create an MLflow store at `uri` (a `sqlite:///` file): a copy of the empty template, else MLflow's migrations."
-    template = _store_template()
+    target = Path(uri[len("sqlite:///"):])
+    same_folder = target.parent.resolve() == store_template_path().parent.resolve()  # its lock is held already
+    template = None if same_folder else _store_template()
     if template is None:
         _migrate_store(uri)
     else:
-        shutil.copyfile(template, uri[len("sqlite:///"):])
+        shutil.copyfile(template, target)
 
 
 def prepare_sqlite_store(tracking_uri: str,  # the tracking URI; only `sqlite:///PATH` stores are prepared
