@@ -27,19 +27,23 @@ Timings on a shared 2-core machine are noisy: every row gives its best and its r
 and every target is a ratio (or a difference) between runs measured side by side in the same round, so load
 hits both sides; the exit status is 1 when a target is missed.
 
-Measured on 2026-12-02, 2-core CPU shared with other jobs, load average 0.5 at the start to 5.2 at the end,
-`--repeats 3 --only steady,percall,whole,cache,demo` (best, low-high over the rounds):
-- steady: PureJaxRL 149,731 env steps/s; rejax 1.007x PureJaxRL; Loop K=1 0.885x (0.76-0.99); Loop K=50 (rlab
-  demo) 1.010x (0.94-1.08), 1.003x rejax (0.92-1.06); Loop K=244 1.151x (0.87-1.29); kernel alone in one jit
-  1.088x (0.90-1.09), 1.080x rejax.
-- one update per call: Loop - bare jitted loop, median -0.114 ms per update (-0.266 to +0.006), main-thread CPU
-  -0.125 ms.
-- whole run incl. compile, fresh processes: Loop K=50 11.99 s (11.99-14.14), PureJaxRL 13.69 s (13.69-14.36):
-  0.876x (0.84-1.00); init_ppo (one jit) 2.08 s of it.
-- compile paid once: 2nd process / 1st time to first update 0.117 (0.117-0.180; 8.40 s -> 0.98 s).
-- `rlab demo` process, video off: 20.83 s (20.83-25.91) against PureJaxRL's script 14.68 s (14.68-16.01): 1.419x
-  (1.31-1.77) at load 3-5; video on 1.584x. On the same day at load 1.0-1.5, 5 paired rounds (demo / PureJaxRL
-  script): 1.187x (1.06-1.35) with the compile ahead of the MLflow store, 1.303x (1.12-1.37) without it.
+Measured on 2026-12-02 (later), 2-core CPU, load average 0.7-1.5, `--repeats 3` (best, low-high over the rounds):
+- steady: PureJaxRL 153,838 env steps/s; rejax 1.039x PureJaxRL; Loop K=1 0.937x (0.85-0.94); Loop K=50 (rlab
+  demo) 1.116x (1.04-1.12), 1.074x rejax (0.98-1.20); Loop K=244 1.160x (1.14-1.23); kernel alone in one jit
+  1.175x (1.13-1.32). The 1.2x target is missed: the 16 gradient steps of an update (actor and critic, forward and
+  backward at batch 128, the same math in both) take 1.73 ms of our 2.8 ms per update at single-core matmul speed.
+- one update per call: Loop - bare jitted loop, median -0.048 ms per update (-0.473 to -0.010), main-thread CPU
+  -0.045 ms.
+- whole run incl. compile, fresh processes: Loop K=50 7.03 s (7.03-7.40), PureJaxRL 7.57 s (7.57-7.98): 0.928x
+  (0.89-0.98).
+- compile paid once: 2nd process / 1st time to first update 0.229 (0.229-0.257; 4.26 s -> 0.97 s); missed at this
+  low load: the cached process still traces and lowers both programs (~0.65 s) to find them in the cache. At load
+  3-5 on the same day it was 0.117 (8.40 s -> 0.98 s).
+- `rlab demo` process, video off: 12.40 s (12.40-13.71) against PureJaxRL's script 11.50 s (11.50-11.83): 1.079x
+  (1.06-1.16); video on 1.267x. Before two changes of that day (new sqlite stores copied from an empty one, the
+  console script's GC frozen for the exit) it was 1.245x (1.24-1.28) at the same load.
+- scaling (Loop / PureJaxRL throughput): 4 envs 1.140x, 64 envs 1.396x (1.00-1.40), 256 envs 1.051x.
+- video: 500 frames rendered and encoded in 1.35 s, 16.3x matplotlib's frame rate. Seeds: 5/5 reach 475.
 
     python bench/bench_ppo.py [--repeats 3] [--only steady,percall,whole,cache,demo,scaling,video,seeds]
                               [--skip-seeds] [--skip-scaling] [--steps-per-call 244]
