@@ -11,6 +11,8 @@ Rows (each a ratio against PureJaxRL measured in the same run, with its range ov
   `steps_per_call` of `rlab demo` (K=50: the largest divisor of its save_every=100 up to 64), at
   `--steps-per-call`, and `ppo_step` scanned in one jit; rejax's PPO. Targets: the demo's Loop >= 1.2x PureJaxRL
   and >= 1.0x rejax.
+- breakdown: ms per update of PureJaxRL and of our kernel, its rollout alone and its gradient steps alone (the
+  same math in both), so the share any Loop or kernel change can still act on is measured, not guessed.
 - whole run including compilation, each in a fresh process with no compile cache: the demo's Loop against
   `jax.jit(make_train(config))(key)`. Target <= 1.0x PureJaxRL's time.
 - one update per call: the Loop at `steps_per_call=1` against a bare Python loop calling `jax.jit(ppo_step)`,
@@ -45,7 +47,7 @@ Measured on 2026-12-02 (later), 2-core CPU, load average 0.7-1.5, `--repeats 3` 
 - scaling (Loop / PureJaxRL throughput): 4 envs 1.140x, 64 envs 1.396x (1.00-1.40), 256 envs 1.051x.
 - video: 500 frames rendered and encoded in 1.35 s, 16.3x matplotlib's frame rate. Seeds: 5/5 reach 475.
 
-    python bench/bench_ppo.py [--repeats 3] [--only steady,percall,whole,cache,demo,scaling,video,seeds]
+    python bench/bench_ppo.py [--repeats 3] [--only steady,breakdown,percall,whole,cache,demo,scaling,video,seeds]
                               [--skip-seeds] [--skip-scaling] [--steps-per-call 244]
 """
 
@@ -75,7 +77,7 @@ from researchlab.design.infra import NoBatch
 from researchlab.design.loop import Loop
 from researchlab.design.population import stack_states
 from researchlab.examples.cartpole_render import CartPoleVisualizer
-from researchlab.examples.ppo import PPOConfig, init_ppo, ppo_step, rollout_episode
+from researchlab.examples.ppo import PPOConfig, collect_rollout, init_ppo, ppo_loss, ppo_step, rollout_episode
 
 # ---------------------------------------------------------------------------------------------------------
 # Baseline: PureJaxRL's ppo.py (flax linen network, everything inside one jitted `train(key)`)
@@ -437,6 +439,38 @@ def bench_per_call(cfg: PPOConfig, rounds: int, n: int = 100) -> dict[str, list[
     return out
 
 
+def bench_breakdown(cfg: PPOConfig, rounds: int) -> dict[str, list[float]]:
+    """Per round, ms per update of PureJaxRL and of: the whole kernel (`ppo_step` scanned over the run in one jit), its rollout alone
+    (`collect_rollout` scanned alike), and its gradient steps alone: `update_epochs x num_minibatches` forward and
+    backward passes of `ppo_loss` at the minibatch size, on a fixed rollout (no optimizer, no shuffling). The
+    gradient steps are the math PureJaxRL runs too, so their share bounds what any Loop can gain on it."""
+    s0, n = init_ppo(cfg), cfg.num_updates
+    _, traj = collect_rollout(s0, cfg)
+    flat = jax.tree.map(lambda x: x.reshape((cfg.batch_size,) + x.shape[2:]), traj)
+    mb = jax.tree.map(lambda x: x[:cfg.minibatch_size], (flat, flat.value, flat.value))
+    steps = n * cfg.update_epochs * cfg.num_minibatches
+
+    def grads(model: object) -> object:
+        def one(m: object, _: None) -> tuple[object, None]:
+            g = jax.grad(lambda m: ppo_loss(m, *mb, cfg)[0])(m)
+            return jax.tree.map(lambda p, d: p - 1e-9 * d, m, g), None  # a dependent chain, as in training
+        return jax.lax.scan(one, model, None, length=steps)[0]
+
+    progs = {"kernel": (jax.jit(lambda s: jax.lax.scan(lambda s, _: ppo_step(s, cfg), s, None, length=n)), s0),
+             "rollout": (jax.jit(lambda s: jax.lax.scan(lambda s, _: collect_rollout(s, cfg), s, None, length=n)), s0),
+             "grads": (jax.jit(grads), s0.model)}
+    compiled = {k: f.lower(x).compile() for k, (f, x) in progs.items()}
+    _, baseline, _ = prepare_baseline(cfg)
+    out: dict[str, list[float]] = {k: [] for k in (*progs, "purejaxrl")}
+    for _ in range(rounds):
+        for k, c in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(c(progs[k][1]))
+            out[k].append((time.perf_counter() - t0) / n * 1e3)
+        out["purejaxrl"].append(baseline()[0] / n * 1e3)
+    return out
+
+
 PUREJAXRL_SCRIPT = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -532,7 +566,7 @@ def bench_seeds(cfg: PPOConfig, seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> lis
     return [(s, float(smooth[:, i].max()), float(smooth[-1, i])) for i, s in enumerate(seeds)]
 
 
-SECTIONS = ("steady", "percall", "whole", "cache", "demo", "scaling", "video", "seeds")
+SECTIONS = ("steady", "breakdown", "percall", "whole", "cache", "demo", "scaling", "video", "seeds")
 
 
 def _rng(xs: list[float], fmt: str = ".2f") -> str:
@@ -611,6 +645,15 @@ def main(argv: list[str]) -> int:
               f"({target}); kernel alone in one jit {ratio['kernel'][0]:.3f}x PureJaxRL")
         if ratio["fused"][0] < 1.2 or (rj is not None and rj[0] < 1.0):
             failures.append("throughput")
+
+    if "breakdown" in only:
+        bd = bench_breakdown(cfg, R)
+        p, k, r, g = (min(bd[x]) for x in ("purejaxrl", "kernel", "rollout", "grads"))
+        print(f"breakdown per update: PureJaxRL {p:.3f} ms; our kernel {k:.3f} ms ({_rng(bd['kernel'], '.3f')}): its "
+              f"rollout {r:.3f} ms, its {cfg.update_epochs * cfg.num_minibatches} gradient steps alone {g:.3f} ms "
+              f"({g / p:.0%} of PureJaxRL's update; the same math in both), the rest {max(k - r - g, 0):.3f} ms. "
+              f"A kernel 1.2x PureJaxRL has {p / 1.2 - g:.3f} ms for all but the gradient steps; ours spends "
+              f"{k - g:.3f} ms there")
 
     if "percall" in only:
         pc = bench_per_call(cfg, max(R, 5))
