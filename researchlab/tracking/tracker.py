@@ -251,7 +251,7 @@ def _end_run(run_id: str, status: str, client: MlflowClient, label: str) -> None
             mlflow.end_run(status)
         current = mlflow.active_run()
         if current is not None and current.info.run_id == run_id:
-            mlflow.end_run(status)  # pops it from this thread's runs before it writes the status
+            mlflow.end_run(status)
         else:
             client.set_terminated(run_id, status)
     except Exception as e:
