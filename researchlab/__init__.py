@@ -24,7 +24,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "first_difference", "ParamTableRenderer",
     ),
     "researchlab.design.data": (
-        "Batch", "DataProvider", "ArrayDataProvider", "NoBatch",
+        "Batch", "DataProvider", "ArrayDataProvider", "NoBatch", "keyed_permutation",
     ),
     "researchlab.design.telemetry": (
         "Scalar", "Telemetry", "ConsoleTelemetry", "MultiTelemetry",

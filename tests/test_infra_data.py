@@ -149,13 +149,13 @@ def test_every_epoch_visits_every_example_once(n: int) -> None:
 
 @pytest.mark.parametrize("n, batch_size", [(13, 4), (97, 10), (1009, 32), (5, 1)])
 def test_epoch_batches_are_disjoint_slices_of_one_permutation(n: int, batch_size: int) -> None:
-    from researchlab.design.data import _keyed_permutation
+    from researchlab.design.data import keyed_permutation
 
     dp = ArrayDataProvider(data(n), batch_size, seed=5)
     orders = _epoch_orders(dp, 3)
     for e, order in enumerate(orders):
         assert len(set(order.tolist())) == dp.steps_per_epoch * batch_size, f"epoch {e} repeats an example"
-        perm = _keyed_permutation(jnp.arange(n), n, jax.random.fold_in(jax.random.key(5), e))
+        perm = keyed_permutation(jnp.arange(n), n, jax.random.fold_in(jax.random.key(5), e))
         np.testing.assert_array_equal(order, np.asarray(perm)[: len(order)])  # batches are consecutive slices
         np.testing.assert_array_equal(np.sort(np.asarray(perm)), np.arange(n))
 
@@ -181,10 +181,10 @@ def test_order_is_deterministic_and_jit_matches_eager() -> None:
 
 
 def test_shuffle_of_a_large_dataset_is_a_permutation() -> None:
-    from researchlab.design.data import _keyed_permutation
+    from researchlab.design.data import keyed_permutation
 
     n = 200_000
-    perm = np.asarray(jax.jit(lambda k: _keyed_permutation(jnp.arange(n), n, k))(jax.random.key(7)))
+    perm = np.asarray(jax.jit(lambda k: keyed_permutation(jnp.arange(n), n, k))(jax.random.key(7)))
     np.testing.assert_array_equal(np.sort(perm), np.arange(n))
     assert abs(np.corrcoef(np.arange(n), perm)[0, 1]) < 0.01  # no trace of the input order
 
@@ -211,3 +211,20 @@ def test_a_step_computes_nothing_of_size_n() -> None:
     # the old implementation (a full permutation per step) fails this check
     full = jax.make_jaxpr(lambda t: jax.random.permutation(jax.random.key(0), n)[t])(jnp.int32(3))
     assert max(sizes(full.jaxpr)) >= n
+
+
+def test_keyed_permutation_places_each_element_uniformly() -> None:
+    "Over many keys, element 0 of a permutation of 8 lands on every position about equally often (PPO's use)."
+    from researchlab.design.data import keyed_permutation
+
+    n, draws = 8, 8000
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: keyed_permutation(jnp.arange(n), n, k)))(
+        jax.random.split(jax.random.key(11), draws)))
+    np.testing.assert_array_equal(np.sort(perms, axis=1), np.broadcast_to(np.arange(n), perms.shape))
+    counts = np.bincount(np.argmax(perms == 0, axis=1), minlength=n)
+    expected = draws / n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.3, (counts, chi2)  # the 0.1% tail of chi-square with 7 degrees of freedom
+    # Feistel rounds are even permutations: 8!/2 = 20160 orders, so 8000 uniform draws among them give about
+    # 6600 distinct ones (7260 among all 8!); a network that reached only a few orders would give far fewer
+    assert len({tuple(p) for p in perms.tolist()}) > 0.75 * draws

@@ -16,7 +16,7 @@ import numpy as np
 from .core import Clock, S
 
 # %% auto #0
-__all__ = ['Batch', 'DataProvider', 'ArrayDataProvider', 'NoBatch']
+__all__ = ['Batch', 'DataProvider', 'keyed_permutation', 'ArrayDataProvider', 'NoBatch']
 
 # %% ../../nbs/02_data.ipynb #8955d9d8
 Batch = object
@@ -55,7 +55,7 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _keyed_permutation(positions: jax.Array, n: int, key: jax.Array) -> jax.Array:
+def keyed_permutation(positions: jax.Array, n: int, key: jax.Array) -> jax.Array:
     r"""$\pi(\text{positions})$ for a random permutation $\pi$ of $[0, n)$ chosen by `key`, in $O(|\text{positions}|)$.
 
     A (nearly) balanced Feistel network on $[0, 2^m)$, $2^m \ge n$, with cycle walking into $[0, n)$.
@@ -140,7 +140,7 @@ class ArrayDataProvider(DataProvider[S]):
         epoch, i = step // self.steps_per_epoch, step % self.steps_per_epoch
         if self.shuffle:
             key = jax.random.fold_in(jax.random.key(self.seed), epoch)
-            idx = _keyed_permutation(i * self.batch_size + jnp.arange(self.batch_size), self.num_examples, key)
+            idx = keyed_permutation(i * self.batch_size + jnp.arange(self.batch_size), self.num_examples, key)
         else:
             idx = i * self.batch_size + jnp.arange(self.batch_size)
         return jax.tree_util.tree_map(lambda x: jnp.take(x, idx, axis=0), self.data)

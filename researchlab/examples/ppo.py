@@ -17,7 +17,7 @@ import optax
 from pydantic import Field, model_validator
 
 from ..design.core import Clock, Config, State
-from ..design.data import NoBatch
+from ..design.data import NoBatch, keyed_permutation
 from ..design.loop import Callback, Loop
 from ..rl import compute_ppo_advantages, compute_ppo_loss
 
@@ -298,7 +298,7 @@ def ppo_step(state: PPOState,  # the run so far
         return (optax.apply_updates(params, updates), opt_state), {"loss": loss, **{k: aux[k] for k in _LOGGED}}
 
     def epoch_step(carry: tuple, key: jax.Array) -> tuple[tuple, dict[str, jax.Array]]:
-        perm = jax.random.permutation(key, config.batch_size)
+        perm = keyed_permutation(jnp.arange(config.batch_size), config.batch_size, key)
         mbs = jax.tree.map(lambda x: x[perm].reshape((config.num_minibatches, config.minibatch_size) + x.shape[1:]),
                            flat)
         return jax.lax.scan(minibatch_step, carry, mbs)
