@@ -29,27 +29,26 @@ Timings on a shared 2-core machine are noisy: every row gives its best and its r
 and every target is a ratio (or a difference) between runs measured side by side in the same round, so load
 hits both sides; the exit status is 1 when a target is missed.
 
-Measured on 2026-12-02 (later), 2-core CPU, load average 0.7-1.5, `--repeats 3` (best, low-high over the rounds):
-- steady: PureJaxRL 153,838 env steps/s; rejax 1.039x PureJaxRL; Loop K=1 0.937x (0.85-0.94); Loop K=50 (rlab
-  demo) 1.116x (1.04-1.12), 1.074x rejax (0.98-1.20); Loop K=244 1.160x (1.14-1.23); kernel alone in one jit
-  1.175x (1.13-1.32). The 1.2x target is missed.
-- breakdown (`--only breakdown`, load 1.3): PureJaxRL 3.315 ms per update; our kernel 2.889 ms: rollout 0.733 ms,
-  the 16 gradient steps alone 1.685 ms (51% of PureJaxRL's update, the same math in both, matmul-bound on one core),
-  the rest 0.471 ms. At 1.2x all but the gradient steps would have to fit in 1.078 ms; ours take 1.204 ms. Parameters
-  kept flat through the minibatch steps (no ravel per step), tree Adam, unrolled scans, no shuffling and no
-  diagnostics each changed the kernel by under 2% or made it slower.
-- one update per call: Loop - bare jitted loop, median -0.048 ms per update (-0.473 to -0.010), main-thread CPU
-  -0.045 ms.
-- whole run incl. compile, fresh processes: Loop K=50 7.03 s (7.03-7.40), PureJaxRL 7.57 s (7.57-7.98): 0.928x
-  (0.89-0.98).
-- compile paid once: 2nd process / 1st time to first update 0.229 (0.229-0.257; 4.26 s -> 0.97 s); missed at this
-  low load: the cached process still traces and lowers both programs (~0.65 s) to find them in the cache. At load
-  3-5 on the same day it was 0.117 (8.40 s -> 0.98 s).
-- `rlab demo` process, video off: 12.40 s (12.40-13.71) against PureJaxRL's script 11.50 s (11.50-11.83): 1.079x
-  (1.06-1.16); video on 1.267x. Before two changes of that day (new sqlite stores copied from an empty one, the
-  console script's GC frozen for the exit) it was 1.245x (1.24-1.28) at the same load.
-- scaling (Loop / PureJaxRL throughput): 4 envs 1.140x, 64 envs 1.396x (1.00-1.40), 256 envs 1.051x.
-- video: 500 frames rendered and encoded in 1.35 s, 16.3x matplotlib's frame rate. Seeds: 5/5 reach 475.
+Measured on 2026-12-02 (evening), 2-core CPU, load average 0.2-1.4, `--repeats 3` (best, low-high over the rounds),
+after PPO's minibatch order became `keyed_permutation` (a keyed Feistel bijection, 3 us per epoch at 512
+transitions, where `jax.random.permutation`'s key-value sort took 67 us):
+- steady: PureJaxRL 155,905 env steps/s; rejax 1.039x PureJaxRL; Loop K=1 1.000x (1.00-1.12); Loop K=50 (rlab
+  demo) 1.269x (1.18-1.42), 1.222x rejax (1.13-1.27); Loop K=244 1.281x (1.18-1.40); kernel alone in one jit
+  1.151x (1.13-1.29). The targets (1.2x PureJaxRL, 1.0x rejax) are met at best; the lowest round was 1.18x.
+- breakdown: PureJaxRL 3.286 ms per update; our kernel 2.539 ms: rollout 0.693 ms, the 16 gradient steps alone
+  1.708 ms (52% of PureJaxRL's update, the same math in both, matmul-bound on one core), the rest 0.138 ms (0.471 ms
+  before the change of shuffle).
+- one update per call: Loop - bare jitted loop, median -0.001 ms per update (-0.070 to +0.512), main-thread CPU
+  +0.009 ms.
+- whole run incl. compile, fresh processes: Loop K=50 7.62 s (7.62-8.65), PureJaxRL 8.37 s (8.37-9.87): 0.910x
+  (0.82-0.91).
+- compile paid once: 2nd process / 1st time to first update 0.233 (0.233-0.297; 5.16 s -> 1.20 s): missed. The
+  cached process still traces and lowers both programs (init_ppo's and the Loop's, about 0.6 s) to find them in
+  the cache, and loads them (about 0.25 s). At load 3-5 on the same day it was 0.117 (8.40 s -> 0.98 s).
+- `rlab demo` process, video off: 12.66 s (12.66-14.83) against PureJaxRL's script 12.47 s (12.47-14.76): 1.016x
+  (1.00-1.03); video on 1.226x.
+- scaling (Loop / PureJaxRL throughput): 4 envs 1.236x, 64 envs 1.517x (1.52-1.57), 256 envs 1.756x (1.61-1.76).
+- video: 500 frames rendered and encoded in 1.11 s, 18.8x matplotlib's frame rate. Seeds: 5/5 reach 475.
 
     python bench/bench_ppo.py [--repeats 3] [--only steady,breakdown,percall,whole,cache,demo,scaling,video,seeds]
                               [--skip-seeds] [--skip-scaling] [--steps-per-call 244]
