@@ -62,6 +62,13 @@ def keyed_permutation(positions: jax.Array, n: int, key: jax.Array) -> jax.Array
     `positions`: int array of any shape with values in $[0, n)$; `n`: a static int in $[1, 2^{31})$.
     Returns an int32 array of the shape of `positions`; distinct positions give distinct indices.
     """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n < 2**31:
+        raise ValueError(f"keyed_permutation: n must be a Python int in [1, 2**31) (the permutation's size, static "
+                         f"under jit), got {n!r}")
+    positions = jnp.asarray(positions)
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"keyed_permutation: positions must be integers in [0, n), got dtype {positions.dtype}")
+    n = int(n)
     m = max(2, (n - 1).bit_length())
     keys = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
 
@@ -77,7 +84,7 @@ def keyed_permutation(positions: jax.Array, n: int, key: jax.Array) -> jax.Array
     def walk(x: jax.Array) -> jax.Array:
         return jnp.where(x >= n, feistel(x), x)
 
-    out = jax.lax.while_loop(lambda x: jnp.any(x >= n), walk, feistel(jnp.asarray(positions).astype(jnp.uint32)))
+    out = jax.lax.while_loop(lambda x: jnp.any(x >= n), walk, feistel(positions.astype(jnp.uint32)))
     return out.astype(jnp.int32)
 
 # %% ../../nbs/02_data.ipynb #2aa52bf2
