@@ -55,12 +55,13 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def keyed_permutation(positions: jax.Array, n: int, key: jax.Array) -> jax.Array:
+def keyed_permutation(positions: jax.Array,  # int array of any shape, values in [0, n): where to evaluate the permutation
+                      n: int,  # the permutation's size, a static Python int in [1, 2**31)
+                      key: jax.Array,  # picks the permutation (a typed PRNG key)
+                      ) -> jax.Array:  # int32, the shape of `positions`: distinct positions give distinct indices
     r"""$\pi(\text{positions})$ for a random permutation $\pi$ of $[0, n)$ chosen by `key`, in $O(|\text{positions}|)$.
 
     A (nearly) balanced Feistel network on $[0, 2^m)$, $2^m \ge n$, with cycle walking into $[0, n)$.
-    `positions`: int array of any shape with values in $[0, n)$; `n`: a static int in $[1, 2^{31})$.
-    Returns an int32 array of the shape of `positions`; distinct positions give distinct indices.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n < 2**31:
         raise ValueError(f"keyed_permutation: n must be a Python int in [1, 2**31) (the permutation's size, static "
