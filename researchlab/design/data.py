@@ -63,9 +63,10 @@ def keyed_permutation(positions: jax.Array,  # int array of any shape, values in
 
     A (nearly) balanced Feistel network on $[0, 2^m)$, $2^m \ge n$, with cycle walking into $[0, n)$.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n < 2**31:
-        raise ValueError(f"keyed_permutation: n must be a Python int in [1, 2**31) (the permutation's size, static "
-                         f"under jit), got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"keyed_permutation: n must be an int (the permutation's size, static under jit), got {n!r}")
+    if not 1 <= n < 2**31:
+        raise ValueError(f"keyed_permutation: n must be in [1, 2**31), got {n}")
     positions = jnp.asarray(positions)
     if not jnp.issubdtype(positions.dtype, jnp.integer):
         raise TypeError(f"keyed_permutation: positions must be integers in [0, n), got dtype {positions.dtype}")
